@@ -1,0 +1,169 @@
+"""Model directories and training checkpoints. The only module that imports orbax.
+
+A model directory holds::
+
+    model.json            manifest: format, resolved hyperparameters, metadata, and the
+                          name of the parameter directory below (written last, atomically)
+    hyperparameters.json  the resolved hyperparameters, for people and tools
+    params-<id>/          the parameters (an orbax checkpoint of a nested dict of arrays)
+    training/             only while training: the state `--resume` continues from
+
+Saving is atomic: parameters go to a fresh ``params-<id>`` directory, and only once they
+are complete on disk is ``model.json`` replaced (``os.replace``) to point at them. A crash
+at any moment leaves either the previous complete model or the new complete model; stale
+parameter directories are removed by the next save. Training state uses the same scheme
+under ``training/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+FORMAT = "o2v-jax-model/1"
+MANIFEST = "model.json"
+STATE_MANIFEST = "state.json"
+
+log = logging.getLogger("o2v_jax")
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing, incomplete or from another format."""
+
+
+def _checkpointer():
+    # Imported lazily: orbax pulls in a lot and only save/load paths need it.
+    import orbax.checkpoint as ocp
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return ocp.StandardCheckpointer()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tree(directory: Path, tree: Any) -> None:
+    ckpt = _checkpointer()
+    ckpt.save(directory.absolute(), tree)
+    ckpt.wait_until_finished()
+
+
+def _restore_tree(directory: Path, target: Any = None) -> Any:
+    ckpt = _checkpointer()
+    if target is None:
+        return ckpt.restore(directory.absolute())
+    return ckpt.restore(directory.absolute(), target)
+
+
+def _commit(root: Path, manifest_name: str, prefix: str, tree: Any, manifest: dict[str, Any]) -> None:
+    """Write `tree` to a new `<prefix>-<id>` dir, then atomically point the manifest at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    _save_tree(root / name, tree)
+    _write_json_atomic(root / manifest_name, {**manifest, "params_dir": name})
+    for stale in root.glob(f"{prefix}-*"):
+        if stale.name != name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _host(tree: Any) -> Any:
+    """Device arrays -> numpy, so saving never holds on to donated buffers."""
+    return jax.tree.map(np.asarray, tree)
+
+
+def save_model(model_dir: str | Path, *, hyperparameters: dict[str, str], params: Any,
+               metadata: dict[str, Any]) -> Path:
+    """Save a trained model atomically.
+
+    Args:
+      model_dir: target directory (created if needed; may already hold a model).
+      hyperparameters: the resolved SageMaker map (``Config.to_hyperparameters()``).
+      params: nested dict of arrays (the model's parameters).
+      metadata: JSON-serialisable facts inference needs or people want (metrics, epochs).
+    """
+    root = Path(model_dir)
+    manifest = {"format": FORMAT, "hyperparameters": hyperparameters, "metadata": metadata}
+    _commit(root, MANIFEST, "params", _host(params), manifest)
+    _write_json_atomic(root / "hyperparameters.json", hyperparameters)
+    return root
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    root = Path(model_dir)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ModelDirError(f"{root}: model directory not found")
+    if not path.is_file():
+        raise ModelDirError(f"{root}: no {MANIFEST}; not an o2v-jax model directory "
+                            f"(or training never finished an epoch)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if manifest.get("format") != FORMAT:
+        raise ModelDirError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not (root / manifest["params_dir"]).is_dir():
+        raise ModelDirError(f"{path}: parameter directory {manifest['params_dir']} is missing")
+    return manifest
+
+
+def load_model(model_dir: str | Path, target: Any = None) -> tuple[dict[str, str], Any, dict[str, Any]]:
+    """Load ``(hyperparameters, params, metadata)`` from a model directory.
+
+    ``target`` (a tree of arrays with the expected structure) restores into matching
+    shapes and dtypes; without it the stored tree is returned as saved.
+    """
+    manifest = read_manifest(model_dir)
+    params = _restore_tree(Path(model_dir) / manifest["params_dir"], target)
+    return manifest["hyperparameters"], params, manifest["metadata"]
+
+
+def save_training_state(model_dir: str | Path, state: Any, info: dict[str, Any]) -> None:
+    """Save the full training state (params, optimizer state, ...) after an epoch.
+
+    Optimizer states are trees of named tuples; to keep the on-disk form plain, the tree
+    is flattened to its leaves and rebuilt from a fresh ``target`` on restore.
+    """
+    leaves = jax.tree.leaves(state)
+    tree = {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
+    _commit(Path(model_dir) / "training", STATE_MANIFEST, "state", _host(tree),
+            {"format": FORMAT, "info": info, "num_leaves": len(leaves)})
+
+
+def load_training_state(model_dir: str | Path, target: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Restore a state saved by :func:`save_training_state` into ``target``'s structure.
+
+    Returns None when there is nothing to resume from.
+    """
+    root = Path(model_dir) / "training"
+    path = root / STATE_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    leaves, treedef = jax.tree.flatten(target)
+    if manifest["num_leaves"] != len(leaves):
+        raise ModelDirError(f"{path}: saved state has {manifest['num_leaves']} arrays, this "
+                            f"configuration needs {len(leaves)}; were the hyperparameters changed?")
+    abstract = {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    restored = _restore_tree(root / manifest["params_dir"], abstract)
+    state = jax.tree.unflatten(treedef, [restored[f"{i:05d}"] for i in range(len(leaves))])
+    return state, manifest["info"]
+
+
+def clear_training_state(model_dir: str | Path) -> None:
+    shutil.rmtree(Path(model_dir) / "training", ignore_errors=True)

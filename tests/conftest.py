@@ -1,0 +1,58 @@
+"""Shared test helpers: tiny configs and synthetic pair data that a model can learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+# Catch silent broadcasting bugs (as equinox does).
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+TINY = {
+    "enc0_max_seq_len": 8, "enc0_vocab_size": 40, "enc0_network": "pooled_embedding",
+    "enc_dim": 16, "mlp_dim": 16, "mlp_layers": 1, "mlp_activation": "relu",
+    "mini_batch_size": 16, "epochs": 3, "learning_rate": 0.01,
+}
+
+
+def tiny_hp(**overrides) -> dict:
+    """A tiny hyperparameter map (fast compiles); overrides use SageMaker names."""
+    return {**TINY, **{k: str(v) for k, v in overrides.items()}}
+
+
+def group_pairs(n: int, seed: int, vocab: int = 40, max_len: int = 8, regression: bool = False):
+    """Pairs whose label says whether both sequences come from the same token group.
+
+    Tokens 1..vocab/2-1 are group A, the rest group B; each sequence is drawn from one
+    group, so every encoder can learn the task. Returns records as dicts.
+    """
+    rng = np.random.default_rng(seed)
+    half = vocab // 2
+    records = []
+    for _ in range(n):
+        groups = rng.integers(0, 2, size=2)
+        seqs = []
+        for g in groups:
+            lo, hi = (1, half) if g == 0 else (half, vocab)
+            seqs.append(rng.integers(lo, hi, size=rng.integers(1, max_len + 1)).tolist())
+        same = int(groups[0] == groups[1])
+        label = (2.0 * same - 1.0) if regression else same
+        records.append({"label": label, "in0": seqs[0], "in1": seqs[1]})
+    return records
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def tiny_config():
+    from o2v_jax.config import from_hyperparameters
+
+    return from_hyperparameters(tiny_hp())

@@ -1,0 +1,273 @@
+"""Training: objective, optimizers, row_sparse, frozen rows, early stopping, learning,
+metric lines, save/load, resume, compile counts."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import group_pairs, tiny_hp, write_jsonl
+
+from o2v_jax import checkpoint
+from o2v_jax.buckets import batches
+from o2v_jax.config import from_hyperparameters
+from o2v_jax.data import Pretrained, read_channel
+from o2v_jax.train import (EarlyStopping, build_steps, evaluate, init_params, objective,
+                           quality_line, train)
+
+
+def _data(tmp_path, name, n, seed, config, regression=False):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", group_pairs(n, seed, regression=regression))
+    return read_channel(path, config, name=name)
+
+
+# --------------------------------------------------------------------------- objective
+
+def test_objective_ignores_fill_rows():
+    logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]])
+    labels = jnp.array([0.0, 0.0, 1.0])
+    full, sums = objective(logits, labels, jnp.array([1.0, 1.0, 0.0]), regression=False)
+    alone, _ = objective(logits[:2], labels[:2], jnp.ones(2), regression=False)
+    assert float(full) == pytest.approx(float(alone))
+    assert float(sums["count"]) == 2.0 and float(sums["correct"]) == 1.0
+
+
+def test_objective_regression_reports_plain_mse():
+    out = jnp.array([[1.0], [3.0]])
+    _, sums = objective(out, jnp.array([0.0, 1.0]), jnp.ones(2), regression=True)
+    assert float(sums["loss"]) / float(sums["count"]) == pytest.approx((1 + 4) / 2)
+
+
+# --------------------------------------------------------------------------- early stopping
+
+def test_early_stopping_reproduces_sagemaker_trace():
+    # spec §4.8 (LOG-DOC): patience 2, tolerance 0.01 -> stop after epoch 6, best epoch 3.
+    losses = [0.2085, 0.1976, 0.2025, 0.1813, 0.1969, 0.1930, 0.1977]
+    es = EarlyStopping(patience=2, tolerance=0.01)
+    stops = [es.update(x) for x in losses]
+    assert stops == [False] * 6 + [True]
+    assert es.best_epoch == 3
+
+
+def test_early_stopping_needs_improvement_by_tolerance():
+    es = EarlyStopping(patience=1, tolerance=0.1)
+    assert not es.update(1.0)
+    assert not es.update(0.95)  # bad 1 (improved by less than tolerance)
+    assert es.update(0.93)  # bad 2 > patience
+    es = EarlyStopping(patience=1, tolerance=0.1)
+    assert [es.update(x) for x in (1.0, 0.85, 0.7, 0.55)] == [False] * 4
+
+
+# --------------------------------------------------------------------------- metric lines
+
+HPO_REGEXES = {
+    "validation:accuracy": r"#quality_metric: host=\S+, epoch=\S+, validation accuracy <score>=(\S+)",
+    "validation:cross_entropy": r"#quality_metric: host=\S+, epoch=\S+, validation cross_entropy <loss>=(\S+)",
+    "test:accuracy": r"#quality_metric: host=\S+, test accuracy <score>=(\S+)",
+    "test:cross_entropy": r"#quality_metric: host=\S+, test cross_entropy <loss>=(\S+)",
+    "train:progress": r"#progress_metric: host=\S+, completed (\S+) %",
+    "train:throughput": r"#throughput_metric: host=\S+, train throughput=(\S+) records/second",
+}
+
+
+def test_quality_line_format():
+    line = quality_line("algo-1", "validation", "accuracy", 0.915, epoch=0)
+    assert line == "#quality_metric: host=algo-1, epoch=0, validation accuracy <score>=0.915"
+    assert quality_line("algo-1", "test", "cross_entropy", 0.18) == \
+        "#quality_metric: host=algo-1, test cross_entropy <loss>=0.18"
+
+
+# --------------------------------------------------------------------------- learning
+
+@pytest.mark.parametrize("network", ["pooled_embedding", "hcnn", "bilstm"])
+def test_each_encoder_learns_pair_classification(tmp_path, network):
+    config = from_hyperparameters(tiny_hp(enc0_network=network, epochs=6, enc0_layers=1,
+                                          enc0_token_embedding_dim=16))
+    train_data = _data(tmp_path, "train", 512, 0, config)
+    val = _data(tmp_path, "val", 128, 1, config)
+    lines: list[str] = []
+    result = train(config, train_data, validation=val, model_dir=tmp_path / "m",
+                   emit=lines.append, progress=False)
+    best = result.history[result.best_epoch]
+    assert best["validation_accuracy"] > 0.85, result.history
+    text = "\n".join(lines)
+    for name, regex in HPO_REGEXES.items():
+        if not name.startswith("test"):
+            assert re.search(regex, text), name
+
+
+def test_regression_reaches_low_mse(tmp_path):
+    config = from_hyperparameters(tiny_hp(output_layer="mean_squared_error", epochs=6))
+    train_data = _data(tmp_path, "train", 512, 0, config, regression=True)
+    test = _data(tmp_path, "test", 128, 2, config, regression=True)
+    lines: list[str] = []
+    result = train(config, train_data, test=test, model_dir=tmp_path / "m", emit=lines.append,
+                   progress=False)
+    # labels are +-1, so predicting the mean would give MSE ~1.
+    assert result.test_metrics["mean_squared_error"] < 0.3
+    assert any(re.search(r"#quality_metric: host=\S+, test mean_squared_error <loss>=(\S+)", x) for x in lines)
+
+
+# --------------------------------------------------------------------------- compile counts
+
+def test_train_step_compiles_once_per_bucket_shape(tmp_path):
+    config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10))
+    data = read_channel(write_jsonl(tmp_path / "t.jsonl", group_pairs(200, 0, max_len=20)), config)
+    graphdef, params, keep = init_params(config, 0, (None, None))
+    steps = build_steps(graphdef, config, keep)
+    opt_state = steps.init_opt(params)
+    shapes = set()
+    for epoch in range(2):
+        for b in batches(data, config, shuffle_seed=epoch):
+            shapes.add((b.in0.shape, b.in1.shape))
+            params, opt_state, _ = steps.train_step(params, opt_state, b.in0, b.in1, b.labels,
+                                                    b.weights, jax.random.key(epoch))
+    assert len(shapes) > 1
+    assert steps.train_step._cache_size() == len(shapes)
+
+
+# --------------------------------------------------------------------------- row_sparse
+
+def _one_step_state(config, batch, keep_pretrained=None, steps_n=3):
+    graphdef, params, keep = init_params(config, 0, keep_pretrained or (None, None))
+    steps = build_steps(graphdef, config, keep)
+    opt_state = steps.init_opt(params)
+    before = jax.tree.map(np.array, params)
+    for i in range(steps_n):
+        params, opt_state, _ = steps.train_step(params, opt_state, *batch, jax.random.key(i))
+    return before, params, opt_state
+
+
+def _batch(vocab_used: int, rows: int = 16, length: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    in0 = rng.integers(1, vocab_used, size=(rows, length)).astype(np.int32)
+    in1 = rng.integers(1, vocab_used, size=(rows, length)).astype(np.int32)
+    in0[:, -2:] = 0  # some padding
+    labels = rng.integers(0, 2, size=rows).astype(np.float32)
+    return in0, in1, labels, np.ones(rows, np.float32)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
+@pytest.mark.parametrize("tied", ["true", "false"])
+def test_row_sparse_touches_only_batch_rows(optimizer, tied):
+    config = from_hyperparameters(tiny_hp(token_embedding_storage_type="row_sparse",
+                                          optimizer=optimizer, tied_token_embedding_weight=tied,
+                                          weight_decay=0.01))
+    before, params, opt_state = _one_step_state(config, _batch(vocab_used=10))
+    for name in ("embed0",) + (() if tied == "true" else ("embed1",)):
+        old, new = before[name]["embedding"], np.asarray(params[name]["embedding"])
+        np.testing.assert_array_equal(new[10:], old[10:])  # unused rows untouched
+        assert not np.allclose(new[1:10], old[1:10])  # used rows moved
+        for leaf in jax.tree.leaves(opt_state["tables"][name]):
+            leaf = np.asarray(leaf)
+            if leaf.ndim == 2:
+                assert not leaf[10:].any(), "optimizer state of unused rows changed"
+
+
+def test_row_sparse_matches_dense_sgd_without_decay():
+    # Plain SGD has no state, so lazy and dense updates must agree exactly on used rows.
+    batch = _batch(vocab_used=10)
+    dense = from_hyperparameters(tiny_hp(optimizer="sgd", learning_rate=0.1))
+    sparse = dense.replace(token_embedding_storage_type="row_sparse")
+    _, p_dense, _ = _one_step_state(dense, batch, steps_n=2)
+    _, p_sparse, _ = _one_step_state(sparse, batch, steps_n=2)
+    for a, b in zip(jax.tree.leaves(p_dense), jax.tree.leaves(p_sparse)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- frozen rows
+
+@pytest.mark.parametrize("optimizer,storage", [("adam", "dense"), ("adagrad", "dense"),
+                                               ("rmsprop", "dense"), ("adadelta", "dense"),
+                                               ("sgd", "dense"), ("adam", "row_sparse"),
+                                               ("sgd", "row_sparse")])
+def test_frozen_pretrained_rows_never_change(optimizer, storage):
+    config = from_hyperparameters(tiny_hp(optimizer=optimizer, token_embedding_storage_type=storage,
+                                          weight_decay=0.5, enc0_pretrained_embedding_file="g.txt",
+                                          enc0_vocab_file="v.json"))
+    vocab, dim = 40, 16
+    found = np.zeros(vocab, bool)
+    found[[1, 2, 3, 5]] = True
+    vectors = np.where(found[:, None], np.arange(vocab * dim, dtype=np.float32).reshape(vocab, dim) / 100, 0)
+    pre = Pretrained(vectors=vectors.astype(np.float32), found=found)
+    before, params, _ = _one_step_state(config, _batch(vocab_used=10), keep_pretrained=(pre, pre))
+    for name in ("embed0", "embed1"):
+        new = np.asarray(params[name]["embedding"])
+        np.testing.assert_array_equal(new[found], vectors[found])  # initialised and frozen
+        assert not np.allclose(new[[4, 6, 7]], before[name]["embedding"][[4, 6, 7]])
+
+
+def test_unfrozen_pretrained_rows_train():
+    config = from_hyperparameters(tiny_hp(enc0_pretrained_embedding_file="g.txt", enc0_vocab_file="v.json",
+                                          enc0_freeze_pretrained_embedding="false"))
+    found = np.zeros(40, bool)
+    found[1:5] = True
+    pre = Pretrained(vectors=np.ones((40, 16), np.float32), found=found)
+    before, params, _ = _one_step_state(config, _batch(vocab_used=10), keep_pretrained=(pre, pre))
+    np.testing.assert_array_equal(before["embed0"]["embedding"][1:5], 1.0)
+    assert not np.allclose(np.asarray(params["embed0"]["embedding"][1:5]), 1.0)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def test_save_load_identical_metrics_and_determinism(tmp_path):
+    config = from_hyperparameters(tiny_hp(epochs=2, dropout=0.2))
+    data = _data(tmp_path, "train", 128, 0, config)
+    val = _data(tmp_path, "val", 64, 1, config)
+    path = write_jsonl(tmp_path / "val2.jsonl", group_pairs(64, 1))
+    r1 = train(config, data, validation=val, model_dir=tmp_path / "a", emit=lambda _: None, progress=False)
+    r2 = train(config, data, validation=val, model_dir=tmp_path / "b", emit=lambda _: None, progress=False)
+    assert r1.history[-1]["validation_cross_entropy"] == r2.history[-1]["validation_cross_entropy"]
+    saved = evaluate(tmp_path / "a", path)
+    assert saved["cross_entropy"] == pytest.approx(r1.history[r1.best_epoch]["validation_cross_entropy"], rel=1e-6)
+    assert not (tmp_path / "a" / "training").exists()  # resume state cleared when done
+    _, pa, _ = checkpoint.load_model(tmp_path / "a")
+    _, pb, _ = checkpoint.load_model(tmp_path / "b")
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    config = from_hyperparameters(tiny_hp(epochs=4, dropout=0.1, negative_sampling_rate=1))
+    data = _data(tmp_path, "train", 96, 0, config)
+    val = _data(tmp_path, "val", 32, 1, config)
+    kw = dict(validation=val, emit=lambda _: None, progress=False)
+    full = train(config, data, model_dir=tmp_path / "full", **kw)
+    train(config, data, model_dir=tmp_path / "part", stop_after_epochs=2, **kw)
+    assert (tmp_path / "part" / "training").exists()
+    resumed = train(config, data, model_dir=tmp_path / "part", resume=True, **kw)
+    assert [h["validation_cross_entropy"] for h in resumed.history] == \
+        [h["validation_cross_entropy"] for h in full.history]
+    _, pf, _ = checkpoint.load_model(tmp_path / "full")
+    _, pr, _ = checkpoint.load_model(tmp_path / "part")
+    for x, y in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_refuses_other_hyperparameters(tmp_path):
+    config = from_hyperparameters(tiny_hp(epochs=3))
+    data = _data(tmp_path, "train", 64, 0, config)
+    train(config, data, model_dir=tmp_path / "m", stop_after_epochs=1, emit=lambda _: None, progress=False)
+    with pytest.raises(checkpoint.ModelDirError, match="other hyperparameters"):
+        train(config.replace(learning_rate=0.02), data, model_dir=tmp_path / "m", resume=True,
+              emit=lambda _: None, progress=False)
+
+
+def test_interrupted_save_keeps_previous_model(tmp_path, monkeypatch):
+    tree = {"w": np.ones(3, np.float32)}
+    checkpoint.save_model(tmp_path, hyperparameters={"a": "1"}, params=tree, metadata={"v": 1})
+
+    def crash(*_a, **_k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_write_json_atomic", crash)
+    with pytest.raises(RuntimeError):
+        checkpoint.save_model(tmp_path, hyperparameters={"a": "2"}, params={"w": np.zeros(3, np.float32)},
+                              metadata={"v": 2})
+    monkeypatch.undo()
+    hp, params, meta = checkpoint.load_model(tmp_path)
+    assert hp == {"a": "1"} and meta == {"v": 1}
+    np.testing.assert_array_equal(params["w"], 1.0)
