@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    from . import transform
+
+    transform.add_parser(sub)
     data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
                           description="Prepare real datasets as Object2Vec JSON Lines channels.")
     data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)

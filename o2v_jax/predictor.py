@@ -1,0 +1,643 @@
+"""Inference: embed or score any number of sequences with ahead-of-time compiled buckets.
+
+::
+
+    >>> import o2v_jax
+    >>> p = o2v_jax.load("runs/m1")          # reads INFERENCE_PREFERRED_MODE if set
+    >>> p.warmup()                           # compile every bucket now (seconds)
+    >>> p.embed([[6, 17, 606], [774, 14]], encoder="in0").shape
+    (2, 512)
+    >>> p.predict([[6, 17]], [[16, 21, 13]]).shape  # softmax probabilities
+    (1, 2)
+
+How a call runs: inputs become a :class:`~o2v_jax.data.Ragged` (ids range-checked, sequences
+longer than max_seq_len truncated like training does), are sorted by length and cut into
+batches whose shapes come from two small fixed sets, the model's length ladder
+(``buckets.length_ladder``) and a batch-size ladder (``BATCH_SIZES``, capped so rows * L
+stays within ``max_batch_tokens``). Each (B, L) shape has one executable compiled ahead of
+time (``jax.jit(fn).lower(ShapeDtypeStruct...).compile()``); padding rows are all zero
+and dropped; answers come back in the caller's order. ``predict`` encodes each side in
+its own buckets and then runs ``model.head`` compiled once per batch size, so pairs
+never need an (L0, L1) cross product. Large inputs are processed ``chunk_size``
+sequences at a time, so the extra memory stays bounded.
+
+After :meth:`Predictor.warmup` no input of any length or count compiles anything
+(tests/test_predictor.py counts compilations). docs/inference.md has the details.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint, wire
+from .buckets import length_ladder, pad_sequences
+from .config import Config, from_hyperparameters
+from .data import Ragged
+from .model import abstract_model, merge_params
+
+log = logging.getLogger("o2v_jax")
+
+ENV_PREFERRED_MODE = "INFERENCE_PREFERRED_MODE"  # spec §5.6
+PREFERRED_MODES = ("embedding", "classification")
+DEFAULT_PREFERRED_MODE = "classification"  # everything on the accelerator
+BATCH_SIZES = (1, 8, 64, 512)  # rows per call; each length bucket uses those that fit
+MAX_BATCH_TOKENS = 32_768  # rows * L cap: bounds activation memory (B, L, D) per call
+CHUNK_SIZE = 65_536  # sequences converted, padded and encoded at a time
+ENCODERS = ("in0", "in1")
+
+# Which top-level parameter groups each compiled function reads (model.py's attribute
+# names). Groups not listed here go to every part, so a new model attribute stays correct.
+_SIDE_GROUPS = {0: ("embed0", "enc0"), 1: ("embed1", "enc1")}
+_HEAD_GROUPS = ("mlp", "output")
+
+Key = tuple  # ("encode", side, B, L) or ("head", B)
+
+
+# --------------------------------------------------------------------------- settings
+
+def preferred_mode_from_env() -> str | None:
+    """``INFERENCE_PREFERRED_MODE`` (spec §5.6), or None when unset or empty.
+
+    The one place the library reads this environment variable.
+    """
+    return os.environ.get(ENV_PREFERRED_MODE, "").strip() or None
+
+
+def resolve_preferred_mode(mode: str | None) -> str:
+    """The preferred mode to use: ``mode``, else the environment variable, else the default.
+
+    Raises:
+        ValueError: the value is not ``embedding`` or ``classification``.
+    """
+    source = "preferred_mode"
+    if mode is None:
+        mode, source = preferred_mode_from_env(), ENV_PREFERRED_MODE
+        if mode is None:
+            return DEFAULT_PREFERRED_MODE
+    if not isinstance(mode, str) or mode.strip().lower() not in PREFERRED_MODES:
+        raise ValueError(f"{source}={mode!r} is invalid; expected one of "
+                         f"{', '.join(PREFERRED_MODES)} (spec §5.6)")
+    return mode.strip().lower()
+
+
+def enable_compilation_cache(path: str | Path) -> None:
+    """Use JAX's persistent compilation cache in ``path`` (process-wide setting).
+
+    JAX skips caching compiles faster than 1 s by default; inference buckets of a small
+    model compile in tens of milliseconds each, so the threshold is set to 0.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # JAX decides once per process whether the cache is used (at the first compile);
+    # forget that decision so a cache set after something compiled still takes effect.
+    compilation_cache.reset_cache()
+
+
+def batch_plan(n: int, sizes: Sequence[int]) -> list[int]:
+    """Batch sizes (from ``sizes``) that cover ``n`` rows with little padding.
+
+    Full batches of the largest size; the rest goes into the smallest size that fits
+    when that is at least half full, otherwise into full batches of the next size down,
+    and so on. So every batch but the last is full and the last is over half full
+    (or the smallest size).
+
+    Args:
+        n: rows to cover (>= 0).
+        sizes: allowed batch sizes, ascending.
+    """
+    plan: list[int] = []
+    while n > 0:
+        fit = next((b for b in sizes if b >= n), None)
+        if fit is not None and (2 * n >= fit or fit == sizes[0]):
+            plan.append(fit)
+            break
+        big = max(b for b in sizes if b <= n)
+        plan += [big] * (n // big)
+        n %= big
+    return plan
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _as_ragged(x: Any, lengths: Any, vocab: int, max_len: int, name: str,
+               first_row: int = 0) -> tuple[Ragged, int]:
+    """Validate and convert sequences; returns (Ragged truncated to max_len, # truncated).
+
+    Args:
+        x: list of lists of Python ints (or of 1-D int arrays), a Ragged, or an integer array
+            (N, L) that is 0-padded or comes with ``lengths``.
+        lengths: int (N,) real lengths of a 2-D array's rows, or None.
+        vocab: ids must be in [0, vocab).
+        max_len: longer sequences keep their first ``max_len`` ids (as training does).
+        name: "in0" or "in1", for messages.
+        first_row: index of x's first row in the caller's input, for messages.
+    """
+    if isinstance(x, Ragged):
+        if lengths is not None:
+            raise TypeError(f"{name}: lengths= is only for 2-D arrays, not a Ragged")
+        tokens, lens = x.tokens, x.lengths
+    elif isinstance(x, np.ndarray) or hasattr(x, "__array__") and getattr(x, "ndim", 0) == 2:
+        arr = np.asarray(x)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{name}: an array input must be 2-D integer (N, L), got "
+                            f"{arr.dtype}{arr.shape}")
+        if lengths is None:  # 0-padded: a row's length runs to its last non-zero id
+            nonzero = arr != 0
+            lens = np.where(nonzero.any(axis=1),
+                            arr.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+        else:
+            lens = np.asarray(lengths)
+            if lens.shape != (arr.shape[0],) or not np.issubdtype(lens.dtype, np.integer) \
+                    or (lens < 0).any() or (lens > arr.shape[1]).any():
+                raise ValueError(f"{name}: lengths must be {arr.shape[0]} integers in "
+                                 f"[0, {arr.shape[1]}], got {lens.dtype}{lens.shape}")
+        tokens = arr[np.arange(arr.shape[1]) < lens[:, None]]  # row-major = sequence order
+    else:
+        if lengths is not None:
+            raise TypeError(f"{name}: lengths= is only for 2-D arrays")
+        if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+            raise TypeError(f"{name}: expected a list of token-id lists, a Ragged or a 2-D "
+                            f"int array, got {type(x).__name__}")
+        try:
+            lens = np.fromiter(map(len, x), np.int64, count=len(x))
+        except TypeError:
+            bad = next(i for i, s in enumerate(x) if not hasattr(s, "__len__"))
+            raise TypeError(f"{name}[{first_row + bad}]: expected a list of token ids, got "
+                            f"{type(x[bad]).__name__} (pass [[...], ...], one list per "
+                            f"sequence)") from None
+        try:
+            tokens = np.fromiter(itertools.chain.from_iterable(x), np.int64, count=int(lens.sum()))
+        except OverflowError:  # an id beyond int64 cannot be in the vocabulary
+            tokens = np.array([t if abs(t) < 2**62 else -1 for s in x for t in s], np.int64)
+    lens = lens.astype(np.int64, copy=False)
+    offsets = np.zeros(lens.size + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    bad = (tokens < 0) | (tokens >= vocab)
+    if bad.any():
+        first = int(np.argmax(bad))
+        row = int(np.searchsorted(offsets, first, side="right")) - 1
+        value = x[row][first - offsets[row]] if isinstance(x, Sequence) else int(tokens[first])
+        raise ValueError(f"{name} sequence {first_row + row}, position {first - offsets[row]}: "
+                         f"token id {value} is out of range; expected an integer in "
+                         f"[0, {vocab - 1}] (enc{name[-1]}_vocab_size={vocab})")
+    over = lens > max_len
+    if over.any():  # keep the first max_len ids of each sequence (spec §3.2)
+        rank = np.arange(tokens.size) - np.repeat(offsets[:-1], lens)
+        tokens = tokens[rank < max_len]
+        np.cumsum(np.minimum(lens, max_len), out=offsets[1:])
+    return Ragged(tokens.astype(np.int32, copy=False), offsets), int(over.sum())
+
+
+def _slice(x: Any, lengths: Any, start: int, stop: int) -> tuple[Any, Any]:
+    """Rows [start, stop) of an input and its lengths (views where possible)."""
+    if isinstance(x, Ragged):
+        o = x.offsets[start:stop + 1]
+        return Ragged(x.tokens[o[0]:o[-1]], o - o[0]), None
+    return x[start:stop], None if lengths is None else np.asarray(lengths)[start:stop]
+
+
+def _count(x: Any, name: str) -> int:
+    """N, the number of sequences, without converting anything."""
+    if isinstance(x, Ragged) or isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return len(x)
+    if hasattr(x, "shape"):
+        return int(x.shape[0]) if len(x.shape) else 0
+    raise TypeError(f"{name}: expected a list of token-id lists, a Ragged or a 2-D int "
+                    f"array, got {type(x).__name__}")
+
+
+def _struct(tree: Any) -> Any:
+    """ShapeDtypeStructs (with placement) for a tree of arrays."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
+
+# --------------------------------------------------------------------------- predictor
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """Parameters one compiled function reads, and where they (and it) run."""
+
+    params: dict  # top-level group name -> subtree of jax arrays on `device`
+    device: Any  # jax.Device
+
+
+class Predictor:
+    """A loaded model that embeds and scores with ahead-of-time compiled buckets.
+
+    Build it with :func:`load`. Thread-safe: executables are compiled under a lock and
+    calls share nothing else that changes.
+
+    Attributes:
+        config: the model's Config.
+        enc_dim: H, the embedding width.
+        num_outputs: K, columns of :meth:`predict` (num_classes, or 1 for regression).
+        vocab_sizes: (V0, V1).
+        max_seq_lens: (max length in0, max length in1); longer input is truncated.
+        ladders: per side, the padded lengths inputs are bucketed into.
+        batch_sizes: the batch-size ladder.
+        preferred_mode: "embedding" or "classification" (see :func:`load`).
+        model_dir, metadata: where the model came from and what training recorded.
+    """
+
+    def __init__(self, config: Config, graphdef: Any, params: dict, *,
+                 preferred_mode: str = DEFAULT_PREFERRED_MODE,
+                 batch_sizes: Sequence[int] = BATCH_SIZES,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS,
+                 chunk_size: int = CHUNK_SIZE,
+                 model_dir: str | Path | None = None,
+                 metadata: dict | None = None):
+        """Place the parameters and build (not yet compile) the functions.
+
+        Args:
+            config: the model's configuration.
+            graphdef: the model's static structure (``model.abstract_model``).
+            params: nested dict of arrays (``model.split_params``), on any device.
+            preferred_mode: "embedding" keeps the head (comparator, MLP, output) on the
+                host CPU and warms the encoders first; "classification" puts every
+                parameter on the accelerator and warms the head first.
+            batch_sizes: ascending batch-size ladder.
+            max_batch_tokens: a length bucket L uses the sizes B with B * L <= this
+                (always at least the smallest size).
+            chunk_size: sequences handled at a time (bounds the extra memory).
+        """
+        sizes = tuple(int(b) for b in batch_sizes)
+        if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"batch_sizes must be distinct positive ints, ascending; got {batch_sizes}")
+        if chunk_size < 1 or max_batch_tokens < 1:
+            raise ValueError("chunk_size and max_batch_tokens must be >= 1")
+        self.config = config
+        self.preferred_mode = resolve_preferred_mode(preferred_mode)
+        self.enc_dim = config.enc_dim
+        self.num_outputs = config.num_outputs
+        self.vocab_sizes = tuple(e.vocab_size for e in config.encoders)
+        self.max_seq_lens = tuple(e.max_seq_len for e in config.encoders)
+        self.ladders = tuple(length_ladder(n, config.bucket_width) for n in self.max_seq_lens)
+        self.batch_sizes = sizes
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.chunk_size = int(chunk_size)
+        self.model_dir = None if model_dir is None else Path(model_dir)
+        self.metadata = dict(metadata or {})
+        self._graphdef = graphdef
+        self._abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+        self._parts = self._place(params)
+        self._executables: dict[Key, Callable] = {}
+        self._lock = threading.Lock()
+        self._compile_seconds = 0.0
+        self._encode_jit = {side: jax.jit(functools.partial(self._encode_fn, side=side))
+                            for side in (0, 1)}
+        self._head_jit = jax.jit(self._head_fn)
+
+    # ----------------------------------------------------------------- placement
+
+    def _place(self, params: dict) -> dict[Any, _Part]:
+        """Split the parameters into what each compiled function reads, and place them.
+
+        Encoders (token tables and encoder weights, nearly all the memory) always go to
+        the accelerator, jax.devices()[0]: both modes need them, since predict encodes
+        each side with the embedding executables. Only the small head moves: to the host
+        CPU in "embedding" mode, next to the encodings it reads (which come back to the
+        host between the two steps anyway).
+        """
+        accel = jax.devices()[0]
+        try:
+            host = jax.devices("cpu")[0]
+        except RuntimeError:  # no CPU backend registered: keep everything together
+            host = accel
+        head_device = host if self.preferred_mode == "embedding" else accel
+        known = {g for groups in _SIDE_GROUPS.values() for g in groups} | set(_HEAD_GROUPS)
+        shared = [g for g in params if g not in known]  # unknown groups: give to everyone
+
+        def part(groups: Sequence[str], device) -> _Part:
+            return _Part(jax.device_put({g: params[g] for g in (*groups, *shared) if g in params},
+                                        device), device)
+
+        parts: dict[Any, _Part] = {}
+        for side, (table, encoder) in _SIDE_GROUPS.items():
+            if table not in params:  # tied tables: one table, stored under embed0
+                table = "embed0"
+            parts[side] = part((table, encoder), accel)
+        parts["head"] = part(_HEAD_GROUPS, head_device)
+        return parts
+
+    def _full(self, part: dict) -> dict:
+        """The whole parameter tree inside a traced function: the part's arrays, zeros
+        elsewhere. The zeros are never read, so XLA removes them (no memory, no copy)."""
+        return {g: part[g] if g in part else
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract[g])
+                for g in self._abstract}
+
+    def _encode_fn(self, part: dict, tokens: jax.Array, *, side: int) -> jax.Array:
+        """int32 (B, L) -> float32 (B, H): model.encode, deterministic."""
+        return merge_params(self._graphdef, self._full(part)).encode(tokens, side)
+
+    def _head_fn(self, part: dict, u: jax.Array, v: jax.Array) -> jax.Array:
+        """float32 (B, H) x2 -> (B, K): softmax probabilities, or regression values."""
+        output, _ = merge_params(self._graphdef, self._full(part)).head(u, v)
+        return output if self.config.is_regression else jax.nn.softmax(output, axis=-1)
+
+    # ----------------------------------------------------------------- executables
+
+    def sizes_for(self, length: int) -> tuple[int, ...]:
+        """The batch sizes a length bucket uses: B * length <= max_batch_tokens."""
+        fit = tuple(b for b in self.batch_sizes if b * length <= self.max_batch_tokens)
+        return fit or self.batch_sizes[:1]
+
+    def executable_keys(self, mode: str | None = None) -> list[Key]:
+        """Every shape warmup() compiles, the preferred mode's first.
+
+        Args:
+            mode: None (all, preferred first), "embedding" (both encoders) or
+                "classification" (both encoders and the head).
+        """
+        encoders = [("encode", side, b, length) for side in (0, 1)
+                    for length in self.ladders[side] for b in self.sizes_for(length)]
+        head = [("head", b) for b in self.batch_sizes]
+        if mode == "embedding":
+            return encoders
+        if mode == "classification" or self.preferred_mode == "classification":
+            return head + encoders
+        return encoders + head
+
+    def _executable(self, key: Key) -> Callable:
+        fn = self._executables.get(key)
+        if fn is None:
+            with self._lock:
+                fn = self._executables.get(key)
+                if fn is None:
+                    fn = self._executables[key] = self._compile(key)
+        return fn
+
+    def _compile(self, key: Key) -> Callable:
+        t0 = time.perf_counter()
+        if key[0] == "encode":
+            _, side, b, length = key
+            part = self._parts[side]
+            tokens = jax.ShapeDtypeStruct((b, length), jnp.int32,
+                                          sharding=jax.sharding.SingleDeviceSharding(part.device))
+            fn = self._encode_jit[side].lower(_struct(part.params), tokens).compile()
+        else:
+            part = self._parts["head"]
+            u = jax.ShapeDtypeStruct((key[1], self.enc_dim), jnp.float32,
+                                     sharding=jax.sharding.SingleDeviceSharding(part.device))
+            fn = self._head_jit.lower(_struct(part.params), u, u).compile()
+        self._compile_seconds += time.perf_counter() - t0
+        log.debug("compiled %s in %.3f s", key, time.perf_counter() - t0)
+        return fn
+
+    @property
+    def num_compiled(self) -> int:
+        """How many executables this predictor has compiled so far."""
+        return len(self._executables)
+
+    def warmup(self, mode: str | None = None) -> float:
+        """Compile every bucket shape now, so no later call compiles; returns seconds.
+
+        Args:
+            mode: None compiles everything (preferred mode's executables first);
+                "embedding" only the encoders; "classification" everything.
+        """
+        if mode is not None and mode not in PREFERRED_MODES:
+            raise ValueError(f"mode={mode!r}; expected None or one of {PREFERRED_MODES}")
+        t0 = time.perf_counter()
+        keys = self.executable_keys(mode)
+        for key in keys:
+            self._executable(key)
+        seconds = time.perf_counter() - t0
+        log.info("Warm-up: %d executables ready in %.2f s (preferred mode: %s)",
+                 len(keys), seconds, self.preferred_mode)
+        return seconds
+
+    # ----------------------------------------------------------------- embed / predict
+
+    def embed(self, sequences: Any, encoder: str = "in0", *, lengths: Any = None,
+              out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+        """Embed sequences with one encoder.
+
+        Args:
+            sequences: N sequences: a list of token-id lists, a Ragged, or an int array
+                (N, L), 0-padded or with ``lengths``.
+            encoder: "in0" (enc0) or "in1" (enc1).
+            lengths: int (N,) real lengths of an array input's rows (optional).
+            out: optional float32 (N, H) array to write into (e.g. a np.memmap).
+            progress: show a tqdm progress bar.
+
+        Returns:
+            float32 (N, H), row i for sequence i.
+
+        Raises:
+            ValueError: a token id outside [0, vocab_size) (names the row and position).
+        """
+        side = _side(encoder)
+        n = _count(sequences, encoder)
+        out = _output(out, n, self.enc_dim)
+        with _bar(n, progress, "embed") as bar:
+            for start in range(0, n, self.chunk_size):
+                stop = min(start + self.chunk_size, n)
+                out[start:stop] = self._encode(self._ragged(sequences, lengths, side, start, stop),
+                                               side)
+                bar.update(stop - start)
+        return out
+
+    def predict(self, in0: Any, in1: Any, *, in0_lengths: Any = None, in1_lengths: Any = None,
+                progress: bool = False) -> np.ndarray:
+        """Score pairs: softmax probabilities (N, num_classes) or regression values (N, 1).
+
+        Args:
+            in0, in1: N sequences each, in any form :meth:`embed` accepts.
+            in0_lengths, in1_lengths: real lengths for array inputs (optional).
+            progress: show a tqdm progress bar.
+
+        Returns:
+            float32 (N, K).
+        """
+        n = _count(in0, "in0")
+        if _count(in1, "in1") != n:
+            raise ValueError(f"in0 has {n} sequences but in1 has "
+                             f"{_count(in1, 'in1')}; predict needs pairs")
+        out = np.empty((n, self.num_outputs), np.float32)
+        sides = ((in0, in0_lengths), (in1, in1_lengths))
+        with _bar(n, progress, "predict") as bar:
+            for start in range(0, n, self.chunk_size):
+                stop = min(start + self.chunk_size, n)
+                u, v = (self._encode(self._ragged(x, lens, side, start, stop), side)
+                        for side, (x, lens) in enumerate(sides))
+                out[start:stop] = self._head(u, v)
+                bar.update(stop - start)
+        return out
+
+    def _ragged(self, x: Any, lengths: Any, side: int, start: int, stop: int) -> Ragged:
+        """Rows [start, stop) of one side's input, validated and truncated."""
+        r, cut = _as_ragged(*_slice(x, lengths, start, stop), self.vocab_sizes[side],
+                            self.max_seq_lens[side], ENCODERS[side], start)
+        _log_truncated(cut, ENCODERS[side], self.max_seq_lens[side])
+        return r
+
+    def _encode(self, r: Ragged, side: int) -> np.ndarray:
+        """float32 (N, H) for N sequences already within max_seq_len."""
+        out = np.empty((len(r), self.enc_dim), np.float32)
+        ladder = np.asarray(self.ladders[side])
+        lengths = r.lengths
+        order = np.argsort(lengths, kind="stable")
+        # Bucket b holds the sorted rows with ladder[b-1] < length <= ladder[b].
+        bounds = np.searchsorted(lengths[order], ladder, side="right")
+        params = self._parts[side].params
+        pending = []  # dispatch everything first: device work overlaps host padding
+        start = 0
+        for length, stop in zip(ladder.tolist(), bounds.tolist()):
+            if stop == start:
+                continue
+            idx = order[start:stop]
+            plan = batch_plan(idx.size, self.sizes_for(length))
+            tokens = pad_sequences(r.take(idx), length, rows=sum(plan))  # int32 (rows, L)
+            row = 0
+            for b in plan:
+                fn = self._executable(("encode", side, b, length))
+                pending.append((idx[row:row + b], fn(params, tokens[row:row + b])))
+                row += b
+            start = stop
+        for idx, y in pending:
+            out[idx] = np.asarray(y)[:idx.size]
+        return out
+
+    def _head(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """float32 (N, H) x2 -> (N, K), through the head in ladder-sized batches."""
+        n = u.shape[0]
+        out = np.empty((n, self.num_outputs), np.float32)
+        plan = batch_plan(n, self.batch_sizes)
+        rows = sum(plan)
+        if rows > n:  # zero rows fill the last batch; their outputs are dropped
+            pad = np.zeros((rows - n, self.enc_dim), np.float32)
+            u, v = np.concatenate([u, pad]), np.concatenate([v, pad])
+        params = self._parts["head"].params
+        pending, row = [], 0
+        for b in plan:
+            pending.append((row, self._executable(("head", b))(params, u[row:row + b],
+                                                                v[row:row + b])))
+            row += b
+        for row, y in pending:
+            out[row:row + y.shape[0]] = np.asarray(y)[:max(0, n - row)]
+        return out
+
+    # ----------------------------------------------------------------- requests
+
+    def answer(self, request: wire.Request) -> np.ndarray:
+        """The values for a decoded request: scores (N, K) or embeddings (N, H)."""
+        if request.mode == "scores":
+            return self.predict(request.in0, request.in1)
+        return self.embed(getattr(request, request.encoder), encoder=request.encoder)
+
+    def invoke(self, body: bytes, content_type: str | None, accept: str | None, *,
+               max_bytes: int | None = None) -> tuple[bytes, str]:
+        """Answer one inference request body as SageMaker's /invocations does (spec §5).
+
+        Args:
+            body: the request body (application/json or application/jsonlines).
+            content_type: the Content-Type header (None: application/json).
+            accept: the Accept header (None: the request's own format).
+            max_bytes: body size limit (WireError 413 above it), None for none.
+
+        Returns:
+            (response body, response media type).
+
+        Raises:
+            wire.WireError: a request the wire layer rejects; ``.status`` is the HTTP
+                status (400, 406, 413, 415) for the server to answer with.
+        """
+        request = wire.decode_request(body, content_type, vocab_sizes=self.vocab_sizes,
+                                      max_seq_lens=self.max_seq_lens, max_bytes=max_bytes)
+        media = wire.negotiate(accept, request.media_type)  # 406 before any model work
+        return wire.encode_response(request.mode, self.answer(request), media), media
+
+    def __repr__(self) -> str:
+        nets = "/".join(e.network for e in self.config.encoders)
+        return (f"Predictor({nets}, enc_dim={self.enc_dim}, outputs={self.num_outputs}, "
+                f"preferred_mode={self.preferred_mode!r}, compiled={self.num_compiled})")
+
+
+def _side(encoder: str) -> int:
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder={encoder!r} is invalid; expected 'in0' (enc0) or 'in1' (enc1)")
+    return ENCODERS.index(encoder)
+
+
+def _output(out: np.ndarray | None, n: int, width: int) -> np.ndarray:
+    if out is None:
+        return np.empty((n, width), np.float32)
+    if out.shape != (n, width) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 ({n}, {width}), got {out.dtype}{out.shape}")
+    return out
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="seq", unit_scale=True, disable=not enabled,
+                dynamic_ncols=True, leave=False)
+
+
+def _log_truncated(count: int, encoder: str, max_len: int) -> None:
+    if count:
+        log.debug("%d %s sequences longer than max_seq_len=%d were truncated", count, encoder,
+                  max_len)
+
+
+# --------------------------------------------------------------------------- load
+
+def load(model_dir: str | Path, *, preferred_mode: str | None = None,
+         compile_cache_dir: str | Path | None = None, warmup: bool = False,
+         batch_sizes: Sequence[int] = BATCH_SIZES, max_batch_tokens: int = MAX_BATCH_TOKENS,
+         chunk_size: int = CHUNK_SIZE) -> Predictor:
+    """Load a model directory written by ``o2v train`` for inference.
+
+    Args:
+        model_dir: the model directory.
+        preferred_mode: "embedding" or "classification" (spec §5.6); None reads the
+            INFERENCE_PREFERRED_MODE environment variable, and without it uses
+            "classification" (every parameter on the accelerator).
+        compile_cache_dir: use JAX's persistent compilation cache in this directory
+            (process-wide), so a second start loads executables instead of compiling.
+        warmup: compile every bucket before returning (see :meth:`Predictor.warmup`).
+        batch_sizes, max_batch_tokens, chunk_size: see :class:`Predictor`.
+
+    Raises:
+        checkpoint.ModelDirError: not a complete model directory.
+        ValueError: an invalid preferred mode.
+    """
+    mode = resolve_preferred_mode(preferred_mode)  # fail before any slow work
+    if compile_cache_dir is not None:
+        enable_compilation_cache(compile_cache_dir)
+    manifest = checkpoint.read_manifest(model_dir)
+    config = from_hyperparameters(manifest["hyperparameters"])
+    graphdef, abstract = abstract_model(config)
+    # Restore straight into host arrays; Predictor places each part where it runs.
+    try:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    except RuntimeError:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract)
+    _, params, metadata = checkpoint.load_model(model_dir, target=target)
+    predictor = Predictor(config, graphdef, params, preferred_mode=mode,
+                          batch_sizes=batch_sizes, max_batch_tokens=max_batch_tokens,
+                          chunk_size=chunk_size, model_dir=model_dir, metadata=metadata)
+    if warmup:
+        predictor.warmup()
+    return predictor

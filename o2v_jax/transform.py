@@ -1,0 +1,368 @@
+"""Batch transform: score or embed whole files offline, as SageMaker batch transform does.
+
+``o2v transform --model-dir M --input PATH --output DIR`` reads each input file line by
+line (SageMaker's ``SplitType=Line``), groups lines into mini-batches of at most
+``--max-payload`` MB (``MultiRecord``) or sends one line at a time (``SingleRecord``),
+answers them with :class:`o2v_jax.predictor.Predictor`, and writes ``<name>.out`` with
+exactly one output line per input line, in order (``AssembleWith=Line``). Files stream:
+memory holds one mini-batch, never a whole file. Output goes to ``<name>.out.tmp`` and
+is renamed when complete, so a ``.out`` file is never partial.
+
+Input and output per line (docs/inference.md, "Batch transform"):
+
+* ``application/jsonlines`` (default): a line is one instance, ``{"in0": [...], "in1":
+  [...]}`` or ``{"in0": [...]}``; its output line is ``{"scores": [...]}`` or
+  ``{"embeddings": [...]}``. With ``--accept application/json`` the output line is
+  ``{"predictions": [{...}]}`` instead (one record each).
+* ``application/json``: a line is a whole request ``{"instances": [...]}``; its output
+  line is the response ``{"predictions": [...]}``.
+* A blank input line gives a blank output line. A bad line stops the run with
+  ``file:line`` in the message; with ``--skip-bad-lines`` its output line is
+  ``{"error": "...", "line": N}`` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from . import wire
+from .data import DataError, Ragged
+
+log = logging.getLogger("o2v_jax")
+
+STRATEGIES = ("MultiRecord", "SingleRecord")  # SageMaker's BatchStrategy values
+DEFAULT_MAX_PAYLOAD_MB = 6.0  # SageMaker's default MaxPayloadInMB
+MAX_PAYLOAD_MB = 100.0  # SageMaker's upper limit
+MB = 1 << 20
+OUT_SUFFIX = ".out"
+
+_ENCODER = msgspec.json.Encoder()
+_BOM = b"\xef\xbb\xbf"
+# A small valid body per request type: decoding it checks a Content-Type (charset,
+# infer_max_seqlens) once before any file is read, so a bad flag is not a "bad line".
+_PROBES = {wire.JSON: b'{"instances": [{"in0": [0]}]}', wire.JSONLINES: b'{"in0": [0]}'}
+
+
+class TransformError(DataError):
+    """A bad input line (the message starts with file:line) or bad transform settings."""
+
+
+@dataclasses.dataclass
+class TransformStats:
+    """What a transform did."""
+
+    files: int = 0  # input files transformed
+    lines: int = 0  # input lines read (= output lines written)
+    records: int = 0  # instances answered
+    bad_lines: int = 0  # lines written as {"error": ...} (--skip-bad-lines)
+    bytes: int = 0  # input bytes read
+    seconds: float = 0.0
+
+    def add(self, other: TransformStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated transform settings (the request and response formats, batching)."""
+
+    content_type: str  # the Content-Type sent with each mini-batch (may carry parameters)
+    request_type: str  # wire.JSON or wire.JSONLINES
+    response_type: str  # wire.JSON or wire.JSONLINES
+    strategy: str  # MultiRecord | SingleRecord
+    max_payload: int  # bytes per mini-batch
+    skip_bad_lines: bool
+
+
+def settings(predictor, *, content_type: str = wire.JSONLINES, accept: str | None = None,
+             strategy: str = "MultiRecord", max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB,
+             skip_bad_lines: bool = False) -> Settings:
+    """Check the transform options once, before any file is read.
+
+    Raises:
+        TransformError: an unsupported content type, accept, strategy or payload size.
+    """
+    names = {s.lower().replace("_", ""): s for s in STRATEGIES}
+    chosen = names.get(str(strategy).lower().replace("_", ""))
+    if chosen is None:
+        raise TransformError(f"strategy {strategy!r} is invalid; expected one of {', '.join(STRATEGIES)}")
+    if not 0 < max_payload_mb <= MAX_PAYLOAD_MB:
+        raise TransformError(f"max payload {max_payload_mb} MB is invalid; expected a number in "
+                             f"(0, {MAX_PAYLOAD_MB:g}] (SageMaker's MaxPayloadInMB)")
+    try:
+        media = wire.parse_media_type(content_type)[0]
+        request_type = wire.JSONLINES if media in wire.JSONLINES_ALIASES else media
+        probe = _PROBES.get(request_type)
+        if probe is None:
+            raise wire.WireError(415, f"unsupported content type {media!r}; use {wire.JSONLINES} "
+                                      f"(one instance per line) or {wire.JSON}")
+        wire.decode_request(probe, content_type, vocab_sizes=predictor.vocab_sizes,
+                            max_seq_lens=predictor.max_seq_lens)
+        response_type = wire.negotiate(accept, request_type)
+    except wire.WireError as e:
+        raise TransformError(str(e)) from None
+    if request_type == wire.JSON and response_type == wire.JSONLINES:
+        raise TransformError(
+            f"--accept {wire.JSONLINES} needs --content-type {wire.JSONLINES}: with {wire.JSON} "
+            f"input a line holds several instances, and its answer must stay one line "
+            f"({{\"predictions\": [...]}})")
+    return Settings(content_type, request_type, response_type, chosen,
+                    int(max_payload_mb * MB), skip_bad_lines)
+
+
+# --------------------------------------------------------------------------- one file
+
+def transform_file(predictor, input_path: str | Path, output_path: str | Path, *,
+                   content_type: str = wire.JSONLINES, accept: str | None = None,
+                   strategy: str = "MultiRecord", max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB,
+                   skip_bad_lines: bool = False, progress=None,
+                   options: Settings | None = None) -> TransformStats:
+    """Transform one file: one output line per input line, written atomically.
+
+    Args:
+        predictor: a loaded :class:`o2v_jax.predictor.Predictor`.
+        input_path: JSON Lines input (``content_type`` says what a line holds).
+        output_path: the output file (written as ``<output_path>.tmp``, then renamed).
+        content_type, accept, strategy, max_payload_mb, skip_bad_lines: as the CLI flags.
+        progress: a tqdm bar to advance by input bytes, or None.
+        options: already validated settings (overrides the keyword options).
+
+    Returns:
+        TransformStats for this file.
+
+    Raises:
+        TransformError: a bad line (``file:line: path: message``) when not skipping.
+    """
+    opts = options or settings(predictor, content_type=content_type, accept=accept,
+                               strategy=strategy, max_payload_mb=max_payload_mb,
+                               skip_bad_lines=skip_bad_lines)
+    input_path, output_path = Path(input_path), Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(output_path.name + ".tmp")
+    stats = TransformStats(files=1)
+    t0 = time.perf_counter()
+    try:
+        with open(input_path, "rb") as src, open(tmp, "wb") as dst:
+            for first, lines in _mini_batches(src, opts):
+                out = _answer(predictor, input_path, first, lines, opts, stats)
+                dst.write(b"\n".join(out) + b"\n")
+                size = sum(map(len, lines))
+                stats.lines += len(lines)
+                stats.bytes += size
+                if progress is not None:
+                    progress.update(size)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, output_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _mini_batches(src, opts: Settings) -> Iterator[tuple[int, list[bytes]]]:
+    """(first line number, raw lines) groups of at most max_payload bytes (MultiRecord)
+    or of one line (SingleRecord). A line longer than the payload is a group alone
+    (reported as bad later)."""
+    lines: list[bytes] = []
+    first, size = 1, 0
+    for number, line in enumerate(src, start=1):
+        if number == 1 and line.startswith(_BOM):
+            line = line[len(_BOM):]  # so "blank" means the same here as in wire.iter_lines
+        if lines and (opts.strategy == "SingleRecord" or size + len(line) > opts.max_payload):
+            yield first, lines
+            lines, size = [], 0
+        if not lines:
+            first = number
+        lines.append(line)
+        size += len(line)
+    if lines:
+        yield first, lines
+
+
+def _answer(predictor, path: Path, first: int, lines: list[bytes], opts: Settings,
+            stats: TransformStats) -> list[bytes]:
+    """Output lines (no newlines) for one mini-batch of input lines."""
+    out = [b""] * len(lines)  # blank input lines stay blank
+    if opts.request_type == wire.JSONLINES and max(map(len, lines)) <= opts.max_payload:
+        # Fast path: the whole mini-batch as one request, as SageMaker would send it.
+        try:
+            request = _decode(predictor, b"".join(lines), opts, first)
+        except wire.WireError:
+            pass  # find the bad line(s) (or mixed modes) one line at a time, below
+        else:
+            values = predictor.answer(request)
+            records = _records(request.mode, values, opts.response_type)
+            filled = [i for i, line in enumerate(lines) if line.strip()]
+            for i, record in zip(filled, records):
+                out[i] = record
+            stats.records += len(request)
+            return out
+    # One request per line; lines with the same mode are still answered together.
+    groups: dict[tuple, list[tuple[int, wire.Request]]] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        number = first + i
+        try:
+            if len(line) > opts.max_payload:
+                raise wire.WireError(413, f"line is {len(line)} bytes, more than the max payload "
+                                          f"of {opts.max_payload} bytes")
+            request = _decode(predictor, line, opts, number)
+        except wire.WireError as e:
+            if not opts.skip_bad_lines:
+                raise TransformError(f"{path}:{number}: {e}") from None
+            out[i] = _ENCODER.encode({"error": str(e), "line": number})
+            stats.bad_lines += 1
+            continue
+        groups.setdefault((request.mode, request.encoder), []).append((i, request))
+    for (mode, encoder), items in groups.items():
+        requests = [r for _, r in items]
+        if mode == "scores":
+            values = predictor.predict(Ragged.concat([r.in0 for r in requests]),
+                                       Ragged.concat([r.in1 for r in requests]))
+        else:
+            values = predictor.embed(Ragged.concat([getattr(r, encoder) for r in requests]),
+                                     encoder=encoder)
+        stops = np.cumsum([len(r) for r in requests]).tolist()
+        for (i, request), stop in zip(items, stops):
+            rows = values[stop - len(request):stop]
+            if opts.request_type == wire.JSON:
+                out[i] = wire.encode_response(mode, rows, wire.JSON)
+            else:
+                out[i] = _records(mode, rows, opts.response_type)[0]
+            stats.records += len(request)
+    return out
+
+
+def _decode(predictor, body: bytes, opts: Settings, first_line: int) -> wire.Request:
+    return wire.decode_request(body, opts.content_type, vocab_sizes=predictor.vocab_sizes,
+                               max_seq_lens=predictor.max_seq_lens, first_line=first_line)
+
+
+def _records(mode: str, values: np.ndarray, response_type: str) -> list[bytes]:
+    """One output line per row: ``{"<mode>": [...]}`` or ``{"predictions": [{...}]}``."""
+    records = wire.encode_lines(mode, values).split(b"\n")[:-1]
+    if response_type == wire.JSON:  # the bytes encode_response(mode, row, JSON) gives
+        records = [b'{"predictions":[' + r + b"]}" for r in records]
+    return records
+
+
+# --------------------------------------------------------------------------- files and dirs
+
+def input_files(input_path: str | Path) -> list[tuple[Path, Path]]:
+    """(input file, path relative to the input root) for a file or a directory tree.
+
+    A directory is walked recursively in sorted order; hidden files and directories
+    (names starting with ".") are skipped, as are ``.out`` and ``.out.tmp`` files.
+    """
+    root = Path(input_path)
+    if root.is_file():
+        return [(root, Path(root.name))]
+    if not root.is_dir():
+        raise TransformError(f"{root}: input not found (expected a file or a directory)")
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts) \
+                or path.name.endswith((OUT_SUFFIX, OUT_SUFFIX + ".tmp")):
+            continue
+        found.append((path, rel))
+    if not found:
+        raise TransformError(f"{root}: no input files in this directory")
+    return found
+
+
+def transform(predictor, input_path: str | Path, output_dir: str | Path, *,
+              progress: bool = False, **options) -> TransformStats:
+    """Transform a file or every file under a directory into ``output_dir``.
+
+    ``output_dir/<relative path>.out`` per input file; the options are those of
+    :func:`transform_file`.
+    """
+    opts = settings(predictor, **options)
+    files = input_files(input_path)
+    output_dir = Path(output_dir)
+    total = TransformStats()
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(total=sum(p.stat().st_size for p, _ in files), unit="B", unit_scale=True,
+              desc="transform", disable=not progress, dynamic_ncols=True) as bar:
+        for path, rel in files:
+            out = output_dir / rel.with_name(rel.name + OUT_SUFFIX)
+            stats = transform_file(predictor, path, out, options=opts, progress=bar)
+            log.info("%s -> %s: %d lines, %d records, %d bad", path, out, stats.lines,
+                     stats.records, stats.bad_lines)
+            total.add(stats)
+    total.seconds = time.perf_counter() - t0
+    return total
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``o2v transform`` to the CLI's subcommands."""
+    p = subparsers.add_parser(
+        "transform", help="batch transform: score or embed JSON Lines files offline",
+        description="Answer every line of a file (or of every file in a directory) with a "
+                    "trained model, as SageMaker batch transform does with SplitType=Line "
+                    "and AssembleWith=Line: <input name>.out gets one line per input line.",
+        epilog="examples:\n"
+               "  o2v transform --model-dir runs/m1 --input pairs.jsonl --output out/\n"
+               "  INFERENCE_PREFERRED_MODE=embedding o2v transform --model-dir runs/m1 \\\n"
+               "      --input sentences/ --output vectors/ --max-payload 1 --skip-bad-lines\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True, help="a directory written by `o2v train`")
+    p.add_argument("--input", type=Path, required=True, help="an input file or a directory of them")
+    p.add_argument("--output", type=Path, required=True, help="directory for the .out files")
+    p.add_argument("--content-type", default=wire.JSONLINES, metavar="TYPE",
+                   help=f"what a line holds: {wire.JSONLINES} (one instance, default) or "
+                        f"{wire.JSON} (one {{\"instances\": [...]}} request); may carry "
+                        f"'; infer_max_seqlens=L0,L1'")
+    p.add_argument("--accept", default=None, metavar="TYPE",
+                   help="response format per line (default: the content type's own)")
+    p.add_argument("--strategy", default="MultiRecord", choices=STRATEGIES,
+                   type=lambda s: {x.lower().replace("_", ""): x for x in STRATEGIES}.get(
+                       s.lower().replace("_", ""), s),
+                   help="MultiRecord (mini-batches up to --max-payload, default) or SingleRecord")
+    p.add_argument("--max-payload", type=float, default=DEFAULT_MAX_PAYLOAD_MB, metavar="MB",
+                   help=f"mini-batch size limit in MB (MiB), default {DEFAULT_MAX_PAYLOAD_MB:g}")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help='write {"error": ..., "line": N} for a bad line and go on, instead of stopping')
+    p.add_argument("--compile-cache-dir", type=Path, default=None, metavar="DIR",
+                   help="JAX persistent compilation cache (faster second start)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``o2v transform``; prints a JSON summary line, returns the exit status."""
+    from .predictor import load
+
+    predictor = load(args.model_dir, compile_cache_dir=args.compile_cache_dir)
+    progress = not args.no_progress and sys.stderr.isatty()
+    stats = transform(predictor, args.input, args.output, progress=progress,
+                      content_type=args.content_type, accept=args.accept,
+                      strategy=args.strategy, max_payload_mb=args.max_payload,
+                      skip_bad_lines=args.skip_bad_lines)
+    if stats.bad_lines:
+        log.warning("%d bad lines were written as {\"error\": ...} records", stats.bad_lines)
+    summary = {**dataclasses.asdict(stats), "seconds": round(stats.seconds, 3),
+               "output": str(args.output)}
+    print("Transform finished: " + json.dumps(summary, sort_keys=True), flush=True)
+    return 0

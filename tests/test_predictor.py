@@ -1,0 +1,415 @@
+"""Predictor: no compiles after warm-up, bucket/batch invariance, same answers as the
+model, input forms, validation, invoke(), INFERENCE_PREFERRED_MODE, the compile cache."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import msgspec
+import numpy as np
+import pytest
+from conftest import group_pairs, tiny_hp, write_jsonl
+
+import o2v_jax
+from o2v_jax import checkpoint, wire
+from o2v_jax.config import from_hyperparameters
+from o2v_jax.data import Ragged, read_channel
+from o2v_jax.model import abstract_model, merge_params
+from o2v_jax.predictor import ENV_PREFERRED_MODE, batch_plan, load
+from o2v_jax.train import init_params, train
+
+ATOL = 1e-5  # float32 on CPU; see docs/inference.md "Same answers everywhere"
+# Small ladders keep the suite fast and still exercise every code path: lengths
+# (4, 8, 12), batch sizes (1, 4, 16), and a token cap that drops 16 for L > 4.
+HP = dict(enc0_max_seq_len=12, bucket_width=4, enc_dim=8, mlp_dim=8, epochs=1, mini_batch_size=8)
+SMALL = {"batch_sizes": (1, 4, 16), "max_batch_tokens": 64}
+VOCAB = 40
+
+
+def save_untrained(path, **overrides):
+    """A model directory from init_params + save_model (no training: fast)."""
+    config = from_hyperparameters(tiny_hp(**{**HP, **overrides}))
+    _, params, _ = init_params(config, 0, (None, None))
+    checkpoint.save_model(path, hyperparameters=config.to_hyperparameters(), params=params,
+                          metadata={})
+    return path
+
+
+def reference(model_dir):
+    """The training-side model, rebuilt from the saved parameters."""
+    config = from_hyperparameters(checkpoint.read_manifest(model_dir)["hyperparameters"])
+    graphdef, abstract = abstract_model(config)
+    _, params, _ = checkpoint.load_model(model_dir, target=jax.tree.map(
+        lambda s: np.zeros(s.shape, s.dtype), abstract))
+    return merge_params(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+def padded(seqs, length=12):
+    """int32 (N, length), sequences cut to length and 0-padded."""
+    out = np.zeros((len(seqs), length), np.int32)
+    for i, s in enumerate(seqs):
+        s = s[:length]
+        out[i, :len(s)] = s
+    return out
+
+
+def random_seqs(rng, n, max_len=12, min_len=1):
+    return [rng.integers(1, VOCAB, rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Collects a name per jit trace or XLA compile that happens inside the block."""
+    events: list[str] = []
+    watched = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+
+    def listener(name, _secs, **_kw):
+        if name in watched:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny pooled_embedding classifier trained for one epoch."""
+    root = tmp_path_factory.mktemp("predictor")
+    config = from_hyperparameters(tiny_hp(**HP))
+    # Training sequences of <= 4 ids fill one bucket: one train-step compile, a fast fixture.
+    data = read_channel(write_jsonl(root / "train.jsonl", group_pairs(48, 0, max_len=4)), config)
+    train(config, data, model_dir=root / "model", emit=lambda line: None, progress=False)
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    return load(model_dir, **SMALL)
+
+
+# --------------------------------------------------------------------------- compiles
+
+def test_no_compilation_after_warmup(model_dir):
+    p = load(model_dir, **SMALL)
+    with count_compiles() as before:
+        p.embed([[1, 2, 3]])
+    assert before, "the counter must see the lazy compile of an unwarmed predictor"
+    seconds = p.warmup()
+    assert seconds >= 0 and p.num_compiled == len(p.executable_keys())
+    rng = np.random.default_rng(0)
+    with count_compiles() as events:
+        for _ in range(30):
+            n = int(rng.integers(0, 40))
+            seqs = random_seqs(rng, n, max_len=15, min_len=0)  # > 12 is truncated
+            others = random_seqs(rng, n, max_len=15)
+            p.embed(seqs, encoder="in0")
+            p.embed(seqs, encoder="in1")
+            p.predict(seqs, others)
+        p.embed(padded(random_seqs(rng, 5), 12))
+        p.invoke(b'{"in0": [1, 2], "in1": [3]}\n', wire.JSONLINES, wire.JSON)
+    assert events == []
+    assert p.num_compiled == len(p.executable_keys())
+
+
+def test_executables_cover_ladders_and_token_cap(model_dir):
+    p = load(model_dir, **SMALL)
+    assert p.ladders == ((4, 8, 12), (4, 8, 12))
+    assert p.sizes_for(4) == (1, 4, 16) and p.sizes_for(8) == (1, 4) and p.sizes_for(100) == (1,)
+    keys = p.executable_keys()
+    assert len(keys) == len(set(keys)) == 2 * (3 + 2 + 2) + 3
+
+
+@pytest.mark.parametrize("n, sizes, expected", [
+    (0, (1, 8, 64), []), (1, (1, 8, 64), [1]), (5, (1, 8, 64), [8]), (3, (1, 8, 64), [1, 1, 1]),
+    (65, (1, 8, 64), [64, 1]), (200, (1, 8, 64), [64, 64, 64, 8]), (100, (1, 8, 64), [64, 64]),
+    (3, (4, 16), [4]),
+])
+def test_batch_plan(n, sizes, expected):
+    plan = batch_plan(n, sizes)
+    assert plan == expected and sum(plan) >= n
+    assert all(b in sizes for b in plan)
+
+
+# --------------------------------------------------------------------------- same answers
+
+@pytest.mark.parametrize("network", ["pooled_embedding", "hcnn", "bilstm"])
+def test_embed_is_bucket_and_batch_invariant(tmp_path, network):
+    model_dir = save_untrained(tmp_path / network, enc0_network=network,
+                               enc0_token_embedding_dim=8,
+                               enc0_layers=2 if network == "hcnn" else 1)
+    p = load(model_dir, **SMALL)
+    rng = np.random.default_rng(1)
+    seqs = random_seqs(rng, 23)
+    together = p.embed(seqs)
+    alone = np.stack([p.embed([s])[0] for s in seqs[:8]])
+    np.testing.assert_allclose(alone, together[:8], atol=ATOL, rtol=0)
+    # Another batch ladder: every sequence in a 32-row batch, mostly padding rows.
+    other = load(model_dir, batch_sizes=(32,), max_batch_tokens=1000).embed(seqs)
+    np.testing.assert_allclose(other, together, atol=ATOL, rtol=0)
+    model = reference(model_dir)
+    np.testing.assert_allclose(together, np.asarray(model.encode(padded(seqs), 0)), atol=ATOL, rtol=0)
+    assert np.abs(together).max() > 0
+
+
+def test_embed_and_predict_equal_the_training_model(model_dir, predictor):
+    model = reference(model_dir)
+    rng = np.random.default_rng(2)
+    in0, in1 = random_seqs(rng, 37), random_seqs(rng, 37)
+    for side, seqs in ((0, in0), (1, in1)):
+        want = np.asarray(model.encode(padded(seqs), side))
+        got = predictor.embed(seqs, encoder=f"in{side}")
+        assert got.dtype == np.float32 and got.shape == (37, 8)
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    logits, _ = model(padded(in0), padded(in1))
+    want = np.asarray(jax.nn.softmax(logits, axis=-1))
+    got = predictor.predict(in0, in1)
+    assert got.shape == (37, 2)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_regression_predict_returns_one_column(tmp_path):
+    model_dir = save_untrained(tmp_path / "reg", output_layer="mean_squared_error")
+    p = load(model_dir, **SMALL)
+    rng = np.random.default_rng(3)
+    in0, in1 = random_seqs(rng, 9), random_seqs(rng, 9)
+    output, _ = reference(model_dir)(padded(in0), padded(in1))
+    got = p.predict(in0, in1)
+    assert got.shape == (9, 1)
+    np.testing.assert_allclose(got, np.asarray(output), atol=ATOL, rtol=0)
+
+
+def test_caller_order_is_kept(predictor):
+    rng = np.random.default_rng(4)
+    seqs = random_seqs(rng, 30)  # shuffled lengths across all buckets
+    forward = predictor.embed(seqs)
+    perm = rng.permutation(30)
+    np.testing.assert_allclose(predictor.embed([seqs[i] for i in perm]), forward[perm], atol=ATOL)
+    scores = predictor.predict(seqs, seqs[::-1])
+    np.testing.assert_allclose(predictor.predict([seqs[i] for i in perm],
+                                                 [seqs[::-1][i] for i in perm]), scores[perm],
+                               atol=ATOL)
+
+
+def test_chunks_and_out_give_the_same_result(model_dir, predictor):
+    rng = np.random.default_rng(5)
+    seqs = random_seqs(rng, 30)
+    want = predictor.embed(seqs)
+    chunked = load(model_dir, chunk_size=7, **SMALL)
+    out = np.full((30, 8), np.nan, np.float32)
+    assert chunked.embed(seqs, out=out) is out
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(chunked.predict(seqs, seqs), predictor.predict(seqs, seqs), atol=ATOL)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def test_array_ragged_and_list_inputs_agree(predictor):
+    rng = np.random.default_rng(6)
+    seqs = random_seqs(rng, 12)
+    want = predictor.embed(seqs)
+    array = padded(seqs)
+    lengths = np.array([len(s) for s in seqs])
+    np.testing.assert_allclose(predictor.embed(array, lengths=lengths), want, atol=ATOL)
+    np.testing.assert_allclose(predictor.embed(array), want, atol=ATOL)  # 0-padded
+    np.testing.assert_allclose(predictor.embed(array.astype(np.int64)), want, atol=ATOL)
+    np.testing.assert_allclose(predictor.embed(Ragged.from_lists(seqs)), want, atol=ATOL)
+    np.testing.assert_allclose(predictor.embed([np.array(s) for s in seqs]), want, atol=ATOL)
+    # lengths shorter than the row: the ids after it are ignored
+    cut = predictor.embed(array, lengths=np.minimum(lengths, 2))
+    np.testing.assert_allclose(cut, predictor.embed([s[:2] for s in seqs]), atol=ATOL)
+    np.testing.assert_allclose(predictor.predict(array, array, in0_lengths=lengths),
+                               predictor.predict(seqs, seqs), atol=ATOL)
+
+
+def test_long_sequences_are_truncated_like_training(predictor):
+    long = list(range(1, 30))
+    np.testing.assert_allclose(predictor.embed([long]), predictor.embed([long[:12]]), atol=ATOL)
+
+
+def test_empty_input(predictor):
+    assert predictor.embed([]).shape == (0, 8)
+    assert predictor.embed(np.zeros((0, 5), np.int32), encoder="in1").shape == (0, 8)
+    assert predictor.predict([], []).shape == (0, 2)
+    empty_row = predictor.embed([[], [3]])  # an empty sequence is all padding: finite
+    assert np.isfinite(empty_row).all()
+
+
+@pytest.mark.parametrize("seqs, where, value", [
+    ([[1, 2], [3], [4, 5, 40]], "in0 sequence 2, position 2", "token id 40"),
+    ([[1, 2], [-1]], "in0 sequence 1, position 0", "token id -1"),
+    ([[1], [2**70]], "in0 sequence 1, position 0", f"token id {2**70}"),
+])
+def test_out_of_range_ids_name_row_and_position(predictor, seqs, where, value):
+    with pytest.raises(ValueError, match=f"{where}: {value} is out of range.*\\[0, 39\\]"):
+        predictor.embed(seqs)
+
+
+def test_out_of_range_errors_count_rows_across_chunks_and_sides(model_dir, predictor):
+    chunked = load(model_dir, chunk_size=4, **SMALL)
+    seqs = [[1]] * 9 + [[1, 99]]
+    with pytest.raises(ValueError, match="in1 sequence 9, position 1: token id 99"):
+        chunked.embed(seqs, encoder="in1")
+    with pytest.raises(ValueError, match="in1 sequence 9, position 1"):
+        predictor.predict([[1]] * 10, seqs)
+    with pytest.raises(ValueError, match="in0 sequence 0, position 3"):
+        predictor.embed(np.array([[1, 2, 3, 41]]))
+
+
+def test_bad_input_shapes_and_arguments(predictor):
+    with pytest.raises(TypeError, match="list of token ids"):
+        predictor.embed([1, 2, 3])
+    with pytest.raises(TypeError, match="2-D integer"):
+        predictor.embed(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="lengths must be 2 integers"):
+        predictor.embed(np.ones((2, 3), np.int32), lengths=[1, 4])
+    with pytest.raises(ValueError, match="encoder='enc0'"):
+        predictor.embed([[1]], encoder="enc0")
+    with pytest.raises(ValueError, match="in0 has 2 sequences but in1 has 1"):
+        predictor.predict([[1], [2]], [[1]])
+
+
+# --------------------------------------------------------------------------- invoke
+
+def test_invoke_every_mode_and_content_type(predictor):
+    rng = np.random.default_rng(7)
+    in0, in1 = random_seqs(rng, 5), random_seqs(rng, 5)
+    cases = {
+        "scores": ([{"in0": a, "in1": b} for a, b in zip(in0, in1)], predictor.predict(in0, in1)),
+        "in0": ([{"in0": a} for a in in0], predictor.embed(in0)),
+        "in1": ([{"in1": b} for b in in1], predictor.embed(in1, encoder="in1")),
+    }
+    for case, (instances, want) in cases.items():
+        mode = "scores" if case == "scores" else "embeddings"
+        record = wire.Scores if mode == "scores" else wire.Embeddings
+        for media in (wire.JSON, wire.JSONLINES):
+            body = (json.dumps({"instances": instances}) if media == wire.JSON
+                    else "".join(json.dumps(i) + "\n" for i in instances)).encode()
+            for accept in (None, wire.JSON, wire.JSONLINES):
+                out, media_type = predictor.invoke(body, media, accept)
+                assert media_type == (accept or media)
+                if media_type == wire.JSON:
+                    typ = wire.ScoresResponse if mode == "scores" else wire.EmbeddingsResponse
+                    rows = msgspec.json.decode(out, type=typ).predictions
+                else:
+                    rows = [msgspec.json.decode(x, type=record) for x in out.splitlines()]
+                got = np.array([getattr(r, mode) for r in rows], np.float32)
+                np.testing.assert_allclose(got, want, atol=ATOL, err_msg=f"{case} {media} {accept}")
+
+
+def test_invoke_lets_wire_errors_through(predictor):
+    with pytest.raises(wire.WireError) as e:
+        predictor.invoke(b'{"in0": [1, 40]}', wire.JSONLINES, None)
+    assert e.value.status == 400 and e.value.path == "$[line 1].in0[1]"
+    with pytest.raises(wire.WireError) as e:
+        predictor.invoke(b'{"instances": [{"in0": [1]}]}', wire.JSON, "text/csv")
+    assert e.value.status == 406
+    with pytest.raises(wire.WireError) as e:
+        predictor.invoke(b'{"in0": [1]}', "text/plain", None)
+    assert e.value.status == 415
+
+
+# The AWS "Encoder Embeddings for Object2Vec" page's requests (shared/seed), verbatim.
+SEED_JSON = b'{ "instances" : [ {"in0": [6, 17, 606, 19, 53, 67, 52, 12, 5, 10, 15, 10178, 7, 33, 652, 80, 15, 69, 821, 4]}, {"in0": [22, 1016, 32, 13, 25, 11, 5, 64, 573, 45, 5, 80, 15, 67, 21, 7, 9, 107, 4]}, {"in0": [774, 14, 21, 206]} ] }'  # noqa: E501
+SEED_JSONLINES = (
+    b'{"in0": [6, 17, 606, 19, 53, 67, 52, 12, 5, 10, 15, 10178, 7, 33, 652, 80, 15, 69, 821, 4]}\n'
+    b'{"in0": [22, 1016, 32, 13, 25, 11, 5, 64, 573, 45, 5, 80, 15, 67, 21, 7, 9, 107, 4]}\n'
+    b'{"in0": [774, 14, 21, 206]}\n'
+)
+
+
+def test_invoke_answers_the_seed_examples(tmp_path):
+    # The page's 16-wide embeddings: a pooled_embedding model with enc_dim 16.
+    model_dir = save_untrained(tmp_path / "seed", enc0_vocab_size=10179, enc0_max_seq_len=20,
+                               enc_dim=16, bucket_width=0)
+    p = load(model_dir, **SMALL)
+    seqs = [[6, 17, 606, 19, 53, 67, 52, 12, 5, 10, 15, 10178, 7, 33, 652, 80, 15, 69, 821, 4],
+            [22, 1016, 32, 13, 25, 11, 5, 64, 573, 45, 5, 80, 15, 67, 21, 7, 9, 107, 4],
+            [774, 14, 21, 206]]
+    want = p.embed(seqs)
+    body, media = p.invoke(SEED_JSON, "application/json", None)
+    assert media == wire.JSON
+    got = msgspec.json.decode(body, type=wire.EmbeddingsResponse).predictions
+    assert len(got) == 3 and all(len(r.embeddings) == 16 for r in got)
+    np.testing.assert_allclose([r.embeddings for r in got], want, atol=ATOL)
+    body, media = p.invoke(SEED_JSONLINES, "application/jsonlines", None)
+    assert media == wire.JSONLINES and body.count(b"\n") == 3
+    assert body == wire.encode_lines("embeddings", want)
+
+
+def test_predictor_exposes_its_shape(predictor):
+    assert predictor.enc_dim == 8 and predictor.num_outputs == 2
+    assert predictor.vocab_sizes == (VOCAB, VOCAB) and predictor.max_seq_lens == (12, 12)
+    assert predictor.config.enc0.network == "pooled_embedding"
+    assert o2v_jax.load is not None and "Predictor(" in repr(predictor)
+
+
+# --------------------------------------------------------------------------- preferred mode
+
+def test_preferred_mode_from_environment(model_dir, monkeypatch):
+    monkeypatch.setenv(ENV_PREFERRED_MODE, "embedding")
+    p = load(model_dir, **SMALL)
+    assert p.preferred_mode == "embedding"
+    assert p.executable_keys()[0][0] == "encode" and p.executable_keys()[-1][0] == "head"
+    # The other mode still answers, and answers the same.
+    q = load(model_dir, preferred_mode="classification", **SMALL)
+    assert q.preferred_mode == "classification" and q.executable_keys()[0][0] == "head"
+    seqs = [[1, 2, 3], [4]]
+    np.testing.assert_allclose(p.predict(seqs, seqs), q.predict(seqs, seqs), atol=ATOL)
+    monkeypatch.setenv(ENV_PREFERRED_MODE, " Classification ")
+    assert load(model_dir, **SMALL).preferred_mode == "classification"
+    monkeypatch.delenv(ENV_PREFERRED_MODE)
+    assert load(model_dir, **SMALL).preferred_mode == "classification"  # the default
+
+
+def test_invalid_preferred_mode_is_a_clear_error(model_dir, monkeypatch):
+    monkeypatch.setenv(ENV_PREFERRED_MODE, "gpu")
+    with pytest.raises(ValueError, match="INFERENCE_PREFERRED_MODE='gpu' is invalid.*embedding"):
+        load(model_dir)
+    assert load(model_dir, preferred_mode="embedding").preferred_mode == "embedding"  # arg wins
+    with pytest.raises(ValueError, match="preferred_mode='scores' is invalid"):
+        load(model_dir, preferred_mode="scores")
+
+
+# --------------------------------------------------------------------------- compile cache
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys, jax
+    from o2v_jax.predictor import load
+    events = {"compiles": 0, "hits": 0}  # compile requests, persistent-cache hits
+    def on_duration(name, secs, **kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events["compiles"] += 1
+    def on_event(name, **kw):
+        if name == "/jax/compilation_cache/cache_hits":
+            events["hits"] += 1
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    p = load(sys.argv[1], compile_cache_dir=sys.argv[2], batch_sizes=(1, 4), max_batch_tokens=64)
+    p.warmup()
+    print(json.dumps({**events, "executables": p.num_compiled}))
+""")
+
+
+def test_persistent_compile_cache_serves_a_second_process(model_dir, tmp_path):
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(model_dir), str(tmp_path)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    # The compile event wraps cache look-ups too: compiles - hits = real XLA compiles
+    # (identical programs, e.g. enc0 and enc1 of one shape, hit even in the first run).
+    assert first["compiles"] >= first["executables"] > 0 and first["compiles"] > first["hits"]
+    assert any(tmp_path.iterdir())
+    assert second["hits"] == second["compiles"] >= second["executables"]
