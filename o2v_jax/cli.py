@@ -51,7 +51,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="continue an interrupted run in --model-dir from its last completed epoch")
     p.add_argument("--sagemaker", action="store_true",
                    help="SageMaker layout: read <ml-root>/input/config/hyperparameters.json and "
-                        "<ml-root>/input/data/<channel>, write <ml-root>/model")
+                        "<ml-root>/input/data/<channel>, write <ml-root>/model (the default "
+                        "when neither --train nor --model-dir is given, as in `docker run IMAGE train`)")
     p.add_argument("--ml-root", type=Path, default=Path("/opt/ml"), help="SageMaker root (default /opt/ml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
@@ -83,6 +84,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from .train import train
 
     args.host = "algo-1"
+    if args.train is None and args.model_dir is None and not args.sagemaker:
+        # `docker run IMAGE train` (ENTRYPOINT ["o2v"]) passes no flags: SageMaker layout.
+        log.info("no --train or --model-dir given: using the SageMaker layout under %s", args.ml_root)
+        args.sagemaker = True
     if args.sagemaker:
         _sagemaker_paths(args)
     if args.train is None:
@@ -148,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import transform
 
     transform.add_parser(sub)
+    from . import server
+
+    server.add_parser(sub)
     data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
                           description="Prepare real datasets as Object2Vec JSON Lines channels.")
     data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)

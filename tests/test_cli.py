@@ -60,3 +60,13 @@ def test_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     for command in ("train", "evaluate"):
         assert command in out
+
+
+def test_train_without_flags_uses_sagemaker_layout(tmp_path, capsys):
+    # `docker run IMAGE train` runs `o2v train` with no flags.
+    root = tmp_path / "ml"
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(tiny_hp(epochs=1)))
+    write_jsonl(root / "input" / "data" / "train" / "a.jsonl", group_pairs(32, 0))
+    assert main(["train", "--ml-root", str(root), "--no-progress"]) == 0
+    assert (root / "model" / "model.json").is_file()

@@ -1,0 +1,701 @@
+"""The HTTP server: the pure app, settings, and the transport over real sockets.
+
+Most tests use FakePredictor (decoding and encoding through wire.py, values computed from
+the tokens), so they check the server without compiling anything; one end-to-end test
+serves a real tiny model. Every socket has a timeout, so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import group_pairs, tiny_hp, write_jsonl
+
+from o2v_jax import server, wire
+from o2v_jax.server import App, Batcher, Server, Settings
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB, MAX_LEN = 40, 8
+
+
+class FakePredictor:
+    """A predictor with the real one's ``invoke``/``answer`` (through wire.py).
+
+    Values come from the tokens: scores [sum(in0) / 100, len(in1)]; embeddings
+    [first id, length, sum]. ``gate``: an Event each call waits for (to hold requests in
+    flight); ``delay``: seconds each call sleeps. ``calls``: (records, thread id) per
+    ``answer`` call.
+    """
+
+    vocab_sizes, max_seq_lens = (VOCAB, VOCAB), (MAX_LEN, MAX_LEN)
+
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False, delay: float = 0.0):
+        self.gate, self.fail, self.delay, self.calls = gate, fail, delay, []
+
+    def answer(self, req):
+        self.calls.append((len(req), threading.get_ident()))
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("secret internal detail")
+        return expected(req.in0, req.in1)
+
+    def invoke(self, body, content_type, accept):
+        req = wire.decode_request(body, content_type, vocab_sizes=self.vocab_sizes, max_seq_lens=self.max_seq_lens)
+        media = wire.negotiate(accept, req.media_type)
+        return wire.encode_response(req.mode, self.answer(req), media), media
+
+
+def _stats(r):
+    starts = r.offsets[:-1]
+    first, sums = r.tokens[starts], np.add.reduceat(r.tokens, starts)
+    return first.astype(np.float32), r.lengths.astype(np.float32), sums.astype(np.float32)
+
+
+def expected(in0, in1) -> np.ndarray:
+    """FakePredictor's values for Ragged inputs (either may be None)."""
+    if in0 is not None and in1 is not None:
+        return np.stack([_stats(in0)[2] / 100, _stats(in1)[1]], axis=1)
+    return np.stack(_stats(in0 if in0 is not None else in1), axis=1)
+
+
+def expected_values(records: list[dict]) -> np.ndarray:
+    """FakePredictor's values for records given as dicts: float32 (N, K)."""
+    rows = []
+    for r in records:
+        if "in0" in r and "in1" in r:
+            rows.append([np.float32(sum(r["in0"])) / np.float32(100), len(r["in1"])])
+        else:
+            s = r.get("in0", r.get("in1"))
+            rows.append([s[0], len(s), sum(s)])
+    return np.array(rows, np.float32)
+
+
+def assert_values(values: list[list[float]], records: list[dict]) -> None:
+    """Values read back from JSON equal the float32 values exactly (shortest round-trip decimals)."""
+    np.testing.assert_array_equal(np.array(values, np.float32), expected_values(records))
+
+
+def settings(**overrides) -> Settings:
+    return Settings(model_dir=Path("unused"), port=0, **overrides)
+
+
+@contextlib.contextmanager
+def serving(predictor=None, **overrides):
+    """A started Server on 127.0.0.1 with an ephemeral port; yields (app, port)."""
+    s = settings(**overrides)
+    app = App(s)
+    if predictor is not None:
+        app.ready(predictor)
+    srv = Server(app, s)
+    srv.start()
+    try:
+        yield app, srv.address[1]
+    finally:
+        assert srv.stop(drain_timeout=5)
+
+
+def call(port, method, path, body=None, headers=None, conn=None):
+    """One request with http.client; returns (status, headers dict, body)."""
+    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        if conn is None:
+            c.close()
+
+
+def raw(port, data: bytes, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+    """Send raw bytes, read until the server closes; parse one response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        return parse(recv_all(s))
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(response: bytes) -> tuple[int, dict, bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert len(body) == int(headers["content-length"])
+    return int(lines[0].split()[1]), headers, body
+
+
+def assert_json_error(status, headers, body, want_status, path=None, match=""):
+    assert status == want_status, body
+    assert headers["content-type"] == "application/json"
+    err = json.loads(body)
+    assert set(err) == {"error", "path"}
+    assert err["path"] == path
+    assert re.search(match, err["error"]), err["error"]
+    return err
+
+
+PAIRS = [{"in0": [1, 2, 3], "in1": [4, 5]}, {"in0": [39], "in1": [7, 8, 9, 10]}]
+EMBED = [{"in1": [5, 6]}, {"in1": [12]}, {"in1": [1, 1, 1, 1]}]
+
+
+# --------------------------------------------------------------------------- the app, no sockets
+
+
+def test_app_ping_before_and_after_ready_and_execution_parameters():
+    app = App(settings(threads=3, max_body_mb=20, batch_strategy="SINGLE_RECORD"))
+    status, headers, body = app.handle("GET", "/ping", {}, b"")
+    assert status == 503 and ("Retry-After", "1") in headers
+    assert json.loads(body) == {"error": "the model is still loading", "path": None}
+    assert app.handle("POST", "/invocations", {}, b"{}")[0] == 503
+    app.ready(FakePredictor())
+    assert app.handle("GET", "/ping", {}, b"") == (200, (), b"")
+    assert app.handle("GET", "/ping?probe=1", {}, b"")[0] == 200
+    status, headers, body = app.handle("GET", "/execution-parameters", {}, b"")
+    assert status == 200 and dict(headers)["Content-Type"] == "application/json"
+    assert json.loads(body) == {"MaxConcurrentTransforms": 3, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 20}
+    # SageMaker refuses MaxConcurrentTransforms x MaxPayloadInMB > 100: the answer respects it.
+    app = App(settings(threads=16, max_body_mb=30))
+    params = json.loads(app.handle("GET", "/execution-parameters", {}, b"")[2])
+    assert (params["MaxConcurrentTransforms"], params["MaxPayloadInMB"]) == (3, 30)
+
+
+def test_app_routes_404_405_and_invocations():
+    app = App(settings())
+    app.ready(FakePredictor())
+    status, headers, body = app.handle("GET", "/nope", {}, b"")
+    assert status == 404 and "/invocations" in json.loads(body)["error"]
+    status, headers, body = app.handle("GET", "/invocations", {}, b"")
+    assert status == 405 and dict(headers)["Allow"] == "POST"
+    assert app.handle("DELETE", "/ping", {}, b"")[1][-1] == ("Allow", "GET, HEAD")
+    # Header names in any case; the Accept header picks JSON Lines.
+    body = "\n".join(json.dumps(r) for r in EMBED).encode()
+    status, headers, out = app.handle("POST", "/invocations", {"content-TYPE": "application/jsonlines",
+                                                             "ACCEPT": "application/jsonlines"}, body)
+    assert status == 200 and headers == (("Content-Type", "application/jsonlines"),)
+    assert_values([json.loads(line)["embeddings"] for line in out.splitlines()], EMBED)
+    assert server.count_records(out, "application/jsonlines") == 3
+
+
+def test_app_wire_errors_carry_status_and_record_path():
+    app = App(settings())
+    app.ready(FakePredictor())
+    bad = json.dumps({"instances": [{"in0": [1, 2]}, {"in0": [3, "x"]}]}).encode()
+    status, headers, body = app.handle("POST", "/invocations", {"Content-Type": "application/json"}, bad)
+    err = json.loads(body)
+    assert status == 400 and err["path"] == "$.instances[1].in0[1]" and "integer token id" in err["error"]
+    assert app.handle("POST", "/invocations", {"Content-Type": "text/csv"}, b"1,2")[0] == 415
+    ok = json.dumps({"instances": EMBED}).encode()
+    assert app.handle("POST", "/invocations", {"Accept": "text/html"}, ok)[0] == 406
+
+
+def test_app_unexpected_error_is_500_without_details(caplog):
+    app = App(settings())
+    app.ready(FakePredictor(fail=True))
+    with caplog.at_level(logging.ERROR, logger="o2v_jax"):
+        status, _, body = app.handle("POST", "/invocations", {}, json.dumps({"instances": EMBED}).encode())
+    assert status == 500
+    assert json.loads(body) == {"error": server._GENERIC_500, "path": None}
+    assert b"secret" not in body and b"Traceback" not in body
+    assert "secret internal detail" in caplog.text  # the traceback goes to the log
+
+
+def test_app_bounds_concurrent_inferences():
+    gate = threading.Event()
+    app = App(settings(threads=1, queue_timeout=0.2))
+    app.ready(FakePredictor(gate=gate))
+    body = json.dumps({"instances": EMBED}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(app.handle, "POST", "/invocations", {}, body)
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        status, headers, out = app.handle("POST", "/invocations", {}, body)
+        waited = time.perf_counter() - t0
+        gate.set()
+        assert first.result(10)[0] == 200
+    assert status == 503 and ("Retry-After", "1") in headers and 0.15 < waited < 2
+    assert "inference slots" in json.loads(out)["error"]
+    assert app.handle("POST", "/invocations", {}, body)[0] == 200  # the slot was released
+
+
+# --------------------------------------------------------------------------- dynamic batching
+
+
+def decoded(records: list[dict]) -> wire.Request:
+    body = json.dumps({"instances": records}).encode()
+    return wire.decode_request(body, None, vocab_sizes=(VOCAB, VOCAB), max_seq_lens=(MAX_LEN, MAX_LEN))
+
+
+def test_batcher_runs_a_lone_request_at_once_on_its_own_thread():
+    fake = FakePredictor()
+    batcher = Batcher(fake)
+    np.testing.assert_array_equal(batcher.answer(decoded(PAIRS)), expected_values(PAIRS))
+    assert fake.calls == [(2, threading.get_ident())]
+    out, media = batcher.invoke(json.dumps({"instances": EMBED}).encode(), None, "application/jsonlines")
+    assert media == "application/jsonlines"
+    assert_values([json.loads(line)["embeddings"] for line in out.splitlines()], EMBED)
+
+
+def test_batcher_merges_waiting_requests_by_kind_and_splits_the_answers():
+    gate = threading.Event()
+    fake = FakePredictor(gate=gate)
+    batcher = Batcher(fake, max_records=256)
+    kinds = [PAIRS, EMBED, [{"in0": [3, 4]}], PAIRS[::-1], [{"in0": [9]}, {"in0": [1, 2, 8]}], EMBED[:1]]
+    with ThreadPoolExecutor(len(kinds) + 1) as pool:
+        first = pool.submit(batcher.answer, decoded(PAIRS))  # holds the predictor
+        deadline = time.monotonic() + 5
+        while not fake.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waiting = [pool.submit(batcher.answer, decoded(r)) for r in kinds]
+        while len(batcher._queue) < len(kinds):  # all queued behind the running call
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.set()
+        np.testing.assert_array_equal(first.result(10), expected_values(PAIRS))
+        for records, future in zip(kinds, waiting):
+            np.testing.assert_array_equal(future.result(10), expected_values(records))
+    # One call for the first request, then one per kind (scores, in1, in0) for the other six.
+    assert sorted(n for n, _ in fake.calls) == [2, 3, 4, 4]
+
+
+def test_batcher_failure_reaches_every_merged_request_and_big_requests_bypass():
+    fake = FakePredictor(fail=True)
+    with pytest.raises(RuntimeError, match="batched predictor call failed") as e:
+        Batcher(fake).answer(decoded(EMBED))
+    assert "secret internal detail" in str(e.value.__cause__)
+    fake = FakePredictor()
+    batcher = Batcher(fake, max_records=3)
+    np.testing.assert_array_equal(batcher.answer(decoded(EMBED)), expected_values(EMBED))
+    assert not batcher._busy and not batcher._queue
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def parse_serve(argv):
+    parser = argparse.ArgumentParser(prog="o2v")
+    sub = parser.add_subparsers(dest="command")
+    server.add_parser(sub)
+    return parser.parse_args(["serve", *argv]), parser
+
+
+def resolve(argv, environ) -> Settings:
+    return server.resolve_settings(parse_serve(argv)[0], environ)
+
+
+def test_settings_from_env_reads_sagemaker_variables():
+    env = server.settings_from_env({
+        "SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "8",
+        "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SAGEMAKER_BATCH_STRATEGY": "SingleRecord",
+        "SAGEMAKER_BATCH": "true", "INFERENCE_PREFERRED_MODE": " Embedding ", "UNRELATED": "x"})
+    assert env == server.EnvSettings(port=9090, threads=8, max_body_mb=20, batch_strategy="SINGLE_RECORD",
+                                     batch=True, preferred_mode="embedding")
+    assert server.settings_from_env({}) == server.EnvSettings()
+    # 0 means "SageMaker decides" / "any size": our default / the 100 MiB ceiling.
+    env = server.settings_from_env({"SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "0", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"})
+    assert env.threads is None and env.max_body_mb == 100
+    for name, value in [("SAGEMAKER_MAX_PAYLOAD_IN_MB", "6MB"), ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
+                        ("INFERENCE_PREFERRED_MODE", "gpu"), ("SAGEMAKER_BATCH", "maybe")]:
+        with pytest.raises(ValueError, match=name):
+            server.settings_from_env({name: value})
+
+
+def test_resolve_settings_sagemaker_mode_and_precedence():
+    env = {"SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20",
+           "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "8", "INFERENCE_PREFERRED_MODE": "embedding"}
+    # `docker run IMAGE serve` runs `o2v serve` with no flags: SageMaker container mode.
+    s = resolve([], env)
+    assert (s.sagemaker, s.model_dir, s.host, s.port, s.threads, s.max_body_mb, s.preferred_mode) == \
+        (True, Path("/opt/ml/model"), "0.0.0.0", 9090, 8, 20, "embedding")
+    s = resolve(["--sagemaker", "--model-dir", "m", "--port", "1234", "--threads", "2"], env)
+    assert (s.model_dir, s.host, s.port, s.threads, s.max_body_mb) == (Path("m"), "0.0.0.0", 1234, 2, 20)
+    # Without SageMaker mode: local defaults, SAGEMAKER_* ignored, INFERENCE_PREFERRED_MODE honoured.
+    s = resolve(["--model-dir", "m"], env)
+    assert (s.sagemaker, s.host, s.port, s.threads, s.max_body_mb, s.preferred_mode) == \
+        (False, "127.0.0.1", 8080, Settings.threads, 6, "embedding")
+    assert s.batching is True
+    s = resolve(["--model-dir", "m", "--preferred-mode", "classification",
+                                             "--timeout", "2.5", "--max-connections", "9", "--no-batching"], env)
+    assert (s.preferred_mode, s.read_timeout, s.max_connections, s.batching) == ("classification", 2.5, 9, False)
+    with pytest.raises(ValueError, match=r"max_body_mb .*--max-body-mb.* \[1, 100\], got 101"):
+        resolve(["--model-dir", "m", "--max-body-mb", "101"], {})
+    with pytest.raises(ValueError, match="threads"):
+        Settings(model_dir=Path("m"), threads=0)
+
+
+def test_help_says_where_it_binds_and_run_checks_the_model_dir(tmp_path, capsys):
+    _, parser = parse_serve([])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 127.0.0.1, this machine only" in text and "0.0.0.0" in text
+    args, _ = parse_serve(["--model-dir", str(tmp_path / "missing")])
+    assert server.run(args) == 2
+    assert "model directory" in capsys.readouterr().err
+    args, _ = parse_serve(["--model-dir", str(tmp_path), "--max-body-mb", "0"])
+    assert server.run(args) == 2
+    assert "max_body_mb" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- over sockets
+
+
+def test_ping_answers_503_at_once_then_200_with_empty_body():
+    t0 = time.perf_counter()
+    with serving() as (app, port):
+        status, headers, body = call(port, "GET", "/ping")
+        assert time.perf_counter() - t0 < 0.25  # bound and answering within 250 ms
+        assert_json_error(status, headers, body, 503, match="loading")
+        assert headers["retry-after"] == "1"
+        app.ready(FakePredictor())
+        status, headers, body = call(port, "GET", "/ping")
+        assert (status, body, headers["content-length"]) == (200, b"", "0")
+        status, headers, body = call(port, "HEAD", "/ping")
+        assert (status, body) == (200, b"")
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/jsonlines"])
+@pytest.mark.parametrize("accept", [None, "application/json", "application/jsonlines"])
+@pytest.mark.parametrize("records", [PAIRS, EMBED], ids=["scores", "embeddings"])
+def test_invocations_formats_on_one_keep_alive_connection(content_type, accept, records):
+    with serving(FakePredictor()) as (_, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        if content_type == "application/json":
+            body = json.dumps({"instances": records})
+        else:
+            body = "".join(json.dumps(r) + "\n" for r in records)
+        headers = {"Content-Type": content_type} | ({"Accept": accept} if accept else {})
+        want_type = accept or content_type
+        key = "scores" if "in0" in records[0] and "in1" in records[0] else "embeddings"
+        sock = None
+        for _ in range(3):  # several requests, one connection
+            status, got_headers, out = call(port, "POST", "/invocations", body, headers, conn=conn)
+            assert status == 200 and got_headers["content-type"] == want_type
+            assert "connection" not in got_headers
+            sock = sock or conn.sock
+            assert conn.sock is sock  # http.client reconnects silently if the server closed
+            if want_type == "application/json":
+                values = [p[key] for p in json.loads(out)["predictions"]]
+            else:
+                values = [json.loads(line)[key] for line in out.decode().splitlines()]
+            assert_values(values, records)
+        conn.close()
+
+
+def test_error_statuses_have_json_bodies():
+    with serving(FakePredictor(), max_body_mb=1) as (_, port):
+        status, h, body = call(port, "POST", "/invocations", b'{"instances": [{"in0": [1, 2}]}',
+                               {"Content-Type": "application/json"})
+        assert_json_error(status, h, body, 400, match="malformed JSON at column")
+        status, h, body = call(port, "POST", "/invocations", b'{"in0": [1]}\n{"in0": [1, 99]}\n',
+                               {"Content-Type": "application/jsonlines"})
+        assert_json_error(status, h, body, 400, path="$[line 2].in0[1]", match="out of range")
+        assert_json_error(*call(port, "GET", "/metrics"), 404, match="no endpoint '/metrics'")
+        status, h, body = call(port, "PUT", "/invocations", b"{}")
+        assert_json_error(status, h, body, 405)
+        assert h["allow"] == "POST"
+        status, h, body = call(port, "POST", "/ping", b"")
+        assert_json_error(status, h, body, 405)
+        assert h["allow"] == "GET, HEAD"
+        ok = json.dumps({"instances": EMBED})
+        assert_json_error(*call(port, "POST", "/invocations", ok, {"Accept": "text/html"}), 406, match="Accept")
+        assert_json_error(*call(port, "POST", "/invocations", "1,2", {"Content-Type": "text/csv"}), 415)
+        # 411: a POST without Content-Length or chunked framing.
+        assert_json_error(*raw(port, b"POST /invocations HTTP/1.1\r\nHost: x\r\n\r\n"), 411)
+        # 413 from Content-Length alone.
+        big = (1 << 20) + 1
+        status, h, body = raw(port, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % big)
+        assert_json_error(status, h, body, 413, match=f"{big} bytes; the limit is {1 << 20}")
+        assert h["connection"] == "close"
+        # A malformed request line gets JSON too, never the stdlib's HTML page.
+        assert_json_error(*raw(port, b"GET /ping HTTP/9\r\n\r\n"), 400, match="version")
+        assert_json_error(*raw(port, b"POST /invocations HTTP/1.1\r\nContent-Length: 1\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), 400, match="both")
+        assert_json_error(*raw(port, b"POST /invocations HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"), 501)
+        assert call(port, "GET", "/ping")[0] == 200  # still serving
+
+
+def test_oversize_body_is_refused_without_reading_it():
+    with serving(FakePredictor(), max_body_mb=1) as (_, port):
+        # Announce 50 MiB, send 64 KiB of it: the 413 must come back without the rest.
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % (50 << 20) + b" " * 65536)
+            status, h, body = parse(recv_all(s))
+        assert_json_error(status, h, body, 413)
+        assert time.perf_counter() - t0 < 3
+        # Chunked: refused as soon as the running total passes the cap.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (1 << 19, b" " * (1 << 19))
+            s.sendall(chunk * 2)  # exactly 1 MiB: still allowed
+            s.sendall(b"1\r\n \r\n")  # one byte more
+            status, h, body = parse(recv_all(s))
+        assert_json_error(status, h, body, 413, match="chunked")
+        # Expect: 100-continue gets the 413 instead of "100 Continue".
+        status, h, body = raw(port, b"POST /invocations HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % (2 << 20))
+        assert_json_error(status, h, body, 413)
+
+
+def test_chunked_body_and_expect_100_continue_are_served():
+    records = EMBED
+    payload = json.dumps({"instances": records}).encode()
+    with serving(FakePredictor()) as (_, port):
+        chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in (payload[:10], payload[10:]))
+        status, h, body = raw(port, b"POST /invocations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                    b"Content-Type: application/json\r\nConnection: close\r\n\r\n"
+                                    + chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
+        assert status == 200
+        assert_values([p["embeddings"] for p in json.loads(body)["predictions"]], records)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(payload))
+            assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            s.sendall(payload)
+            status, h, body = parse(recv_all(s))
+        assert status == 200 and len(json.loads(body)["predictions"]) == 3
+
+
+def test_stalled_client_is_cut_off_while_others_are_served():
+    with serving(FakePredictor(), read_timeout=1.0) as (_, port):
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stalled.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for _ in range(5):  # the others are answered at once meanwhile
+            status, _, out = call(port, "POST", "/invocations", json.dumps({"instances": EMBED}), conn=conn)
+            assert status == 200
+        assert time.perf_counter() - t0 < 0.8  # before the stalled client's timeout
+        conn.close()
+        status, h, body = parse(recv_all(stalled))  # 408, then the server closes
+        assert_json_error(status, h, body, 408, match="nothing for 1 s")
+        assert 0.8 < time.perf_counter() - t0 < 4
+        assert silent.recv(10) == b""  # a connection that never sends is closed without a word
+        stalled.close()
+        silent.close()
+
+
+def test_saturation_answers_503_with_retry_after():
+    gate = threading.Event()
+    with serving(FakePredictor(gate=gate), threads=1, queue_timeout=0.2) as (_, port):
+        body = json.dumps({"instances": EMBED})
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(call, port, "POST", "/invocations", body)
+            time.sleep(0.2)
+            status, h, out = call(port, "POST", "/invocations", body)
+            gate.set()
+            assert first.result(10)[0] == 200
+        assert_json_error(status, h, out, 503, match="inference slots")
+        assert h["retry-after"] == "1"
+
+
+def test_connection_cap_refuses_with_503():
+    with serving(FakePredictor(), max_connections=2) as (_, port):
+        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=5) for _ in range(2)]
+        for c in held:  # two open keep-alive connections hold both handler threads
+            assert call(port, "GET", "/ping", conn=c)[0] == 200
+        status, h, body = raw(port, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert_json_error(status, h, body, 503, match="too many open connections")
+        assert h["retry-after"] == "1"
+        held[0].close()
+        deadline = time.monotonic() + 3
+        while call(port, "GET", "/ping")[0] != 200:  # a slot frees once the thread sees EOF
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        held[1].close()
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_many_concurrent_clients_get_complete_correct_answers(batching):
+    rng = np.random.default_rng(0)
+    fake = FakePredictor(delay=0.002)  # calls take time, so requests queue behind them
+    with serving(Batcher(fake) if batching else fake, threads=8, queue_timeout=30) as (_, port):
+
+        def client(seed: int) -> int:
+            r = np.random.default_rng(seed)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            for _ in range(20):
+                n = int(r.integers(1, 6))
+                records = [{"in0": r.integers(1, VOCAB, int(r.integers(1, 9))).tolist(),
+                            "in1": r.integers(1, VOCAB, int(r.integers(1, 9))).tolist()} for _ in range(n)]
+                if r.random() < 0.5:
+                    records = [{"in1": x["in1"]} for x in records]
+                status, _, out = call(port, "POST", "/invocations", json.dumps({"instances": records}),
+                                      {"Content-Type": "application/json"}, conn=conn)
+                assert status == 200
+                key = "scores" if "in0" in records[0] else "embeddings"
+                assert_values([p[key] for p in json.loads(out)["predictions"]], records)
+            conn.close()
+            return 20
+
+        with ThreadPoolExecutor(32) as pool:
+            done = sum(pool.map(client, rng.integers(0, 2**31, 32).tolist(), timeout=120))
+    assert done == 32 * 20
+    assert (len(fake.calls) < 32 * 20) == batching  # merged calls only with the Batcher
+
+
+def test_access_log_line_per_request(caplog):
+    with caplog.at_level(logging.DEBUG, logger="o2v_jax"), serving(FakePredictor()) as (_, port):
+        call(port, "POST", "/invocations", json.dumps({"instances": EMBED}))
+        call(port, "POST", "/invocations", "".join(json.dumps(r) + "\n" for r in PAIRS),
+             {"Content-Type": "application/jsonlines"})
+        call(port, "GET", "/nope")
+        call(port, "GET", "/ping")
+    ping = [r for r in caplog.records if r.getMessage().startswith('127.0.0.1 "GET /ping" 200')]
+    assert len(ping) == 1 and ping[0].levelno == logging.DEBUG  # health checks do not flood the log
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(re.fullmatch(r'127\.0\.0\.1 "POST /invocations" 200 records=3 [\d.]+ ms', m) for m in lines), lines
+    assert any(re.fullmatch(r'127\.0\.0\.1 "POST /invocations" 200 records=2 [\d.]+ ms', m) for m in lines), lines
+    assert any(re.fullmatch(r'127\.0\.0\.1 "GET /nope" 404 records=- [\d.]+ ms', m) for m in lines), lines
+
+
+def test_stop_refuses_new_connections_and_waits_for_in_flight():
+    gate = threading.Event()
+    s = settings()
+    app = App(s)
+    app.ready(FakePredictor(gate=gate))
+    srv = Server(app, s)
+    srv.start()
+    port = srv.address[1]
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(call, port, "POST", "/invocations", json.dumps({"instances": EMBED}))
+        time.sleep(0.2)
+        stopping = pool.submit(srv.stop, 5)
+        time.sleep(0.3)
+        assert not stopping.done()  # waiting for the in-flight request
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        gate.set()
+        status, headers, _ = in_flight.result(5)
+        assert status == 200 and headers["connection"] == "close"
+        assert stopping.result(5) is True
+
+
+# --------------------------------------------------------------------------- the process
+
+SLOW_SERVER = textwrap.dedent("""
+    # A server process whose "model" takes 0.5 s to load and whose invoke sleeps for the
+    # number of seconds in the body: the SIGTERM test holds a request in flight with it.
+    import logging, sys, time
+    from pathlib import Path
+    from o2v_jax import server
+
+    class Slow:
+        def invoke(self, body, content_type, accept):
+            time.sleep(float(body))
+            return b'{"slept":' + body + b'}', "application/json"
+
+    def load(settings):
+        time.sleep(0.5)
+        return Slow()
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    sys.exit(server.serve(server.Settings(model_dir=Path("."), port=0, drain_timeout=10), load=load))
+""")
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(tmp_path):
+    script = tmp_path / "slow_server.py"
+    script.write_text(SLOW_SERVER)
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if m := re.search(r"listening on http://127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+        assert port is not None, "the server did not start"
+        assert call(port, "GET", "/ping")[0] == 503  # loading
+        while call(port, "GET", "/ping")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(call, port, "POST", "/invocations", b"1.5")
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            status, headers, body = in_flight.result(10)
+        assert (status, body) == (200, b'{"slept":1.5}') and headers["connection"] == "close"
+        assert proc.wait(10) == 0
+        log = proc.stderr.read()
+        assert "SIGTERM: stopping" in log and "server stopped" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- a real model
+
+
+def test_end_to_end_with_a_real_tiny_model(tmp_path):
+    from o2v_jax.config import from_hyperparameters
+    from o2v_jax.data import read_channel
+    from o2v_jax.train import train
+
+    config = from_hyperparameters(tiny_hp(epochs=1))
+    data = read_channel(write_jsonl(tmp_path / "train.jsonl", group_pairs(64, 0)), config)
+    model_dir = tmp_path / "model"
+    train(config, data, model_dir=model_dir, emit=lambda line: None, progress=False)
+
+    s = Settings(model_dir=model_dir, port=0, threads=2)
+    app = App(s)
+    srv = Server(app, s)
+    srv.start()
+    port = srv.address[1]
+    loaded = []
+    try:
+        assert call(port, "GET", "/ping")[0] == 503
+        loader = threading.Thread(target=lambda: loaded.append(server.load_predictor(s)))
+        loader.start()
+        while loader.is_alive():  # /ping stays 503 until the model is loaded and warm
+            assert call(port, "GET", "/ping")[0] == 503
+            loader.join(0.2)
+        app.ready(loaded[0])
+        assert call(port, "GET", "/ping")[:3:2] == (200, b"")
+        assert isinstance(loaded[0], Batcher)  # dynamic batching is on by default
+        local = loaded[0].predictor  # what HTTP answers must equal: the same predictor in-process
+        pairs = [{"in0": [1, 2, 3], "in1": [4, 5]}, {"in0": [30, 31], "in1": [2]}]
+        status, h, out = call(port, "POST", "/invocations", json.dumps({"instances": pairs}),
+                              {"Content-Type": "application/json"})
+        scores = np.array([p["scores"] for p in json.loads(out)["predictions"]], np.float32)
+        want = local.predict([p["in0"] for p in pairs], [p["in1"] for p in pairs])
+        assert status == 200 and scores.shape == (2, 2)
+        np.testing.assert_array_equal(scores, want)  # shortest round-trip decimals: exact
+        lines = "".join(json.dumps({"in1": p["in1"]}) + "\n" for p in pairs)
+        status, h, out = call(port, "POST", "/invocations", lines, {"Content-Type": "application/jsonlines"})
+        vectors = np.array([json.loads(x)["embeddings"] for x in out.decode().splitlines()], np.float32)
+        assert status == 200 and h["content-type"] == "application/jsonlines"
+        np.testing.assert_array_equal(vectors, local.embed([p["in1"] for p in pairs], encoder="in1"))
+        status, h, out = call(port, "POST", "/invocations", json.dumps({"instances": [{"in0": [99]}]}))
+        assert_json_error(status, h, out, 400, path="$.instances[0].in0[0]", match="out of range")
+    finally:
+        assert srv.stop(5)
