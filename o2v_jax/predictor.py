@@ -546,7 +546,8 @@ class Predictor:
         return self.embed(getattr(request, request.encoder), encoder=request.encoder)
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None, *,
-               max_bytes: int | None = None) -> tuple[bytes, str]:
+               max_bytes: int | None = None,
+               answer: Callable[[wire.Request], np.ndarray] | None = None) -> tuple[bytes, str]:
         """Answer one inference request body as SageMaker's /invocations does (spec §5).
 
         Args:
@@ -554,6 +555,8 @@ class Predictor:
             content_type: the Content-Type header (None: application/json).
             accept: the Accept header (None: the request's own format).
             max_bytes: body size limit (WireError 413 above it), None for none.
+            answer: computes the values of a decoded request (default
+                :meth:`answer`; the server passes its dynamic batcher's).
 
         Returns:
             (response body, response media type).
@@ -565,7 +568,8 @@ class Predictor:
         request = wire.decode_request(body, content_type, vocab_sizes=self.vocab_sizes,
                                       max_seq_lens=self.max_seq_lens, max_bytes=max_bytes)
         media = wire.negotiate(accept, request.media_type)  # 406 before any model work
-        return wire.encode_response(request.mode, self.answer(request), media), media
+        values = (answer or self.answer)(request)
+        return wire.encode_response(request.mode, values, media), media
 
     def __repr__(self) -> str:
         nets = "/".join(e.network for e in self.config.encoders)

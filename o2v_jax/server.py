@@ -59,7 +59,9 @@ log = logging.getLogger("o2v_jax")
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 MAX_PAYLOAD_MB = 100  # SageMaker's ceiling for MaxPayloadInMB
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
-PREFERRED_MODES = ("classification", "embedding")  # spec §5.6
+# spec §5.6. predictor.PREFERRED_MODES holds the same names; importing it would import
+# jax before the socket is bound, and /ping must answer within 250 ms of start.
+PREFERRED_MODES = ("classification", "embedding")
 
 
 # --------------------------------------------------------------------------- settings
@@ -696,11 +698,7 @@ class Batcher:
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
         """As ``Predictor.invoke``: decode, negotiate, answer (batched), encode."""
-        p = self.predictor
-        request = wire.decode_request(body, content_type, vocab_sizes=p.vocab_sizes,
-                                      max_seq_lens=p.max_seq_lens)
-        media = wire.negotiate(accept, request.media_type)  # 406 before any model work
-        return wire.encode_response(request.mode, self.answer(request), media), media
+        return self.predictor.invoke(body, content_type, accept, answer=self.answer)
 
     def answer(self, request: wire.Request):
         """float32 (N, K) for one decoded request, computed together with its neighbours."""
