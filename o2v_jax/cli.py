@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import server
 
     server.add_parser(sub)
+    from . import demo
+
+    demo.add_parser(sub)
     data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
                           description="Prepare real datasets as Object2Vec JSON Lines channels.")
     data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)

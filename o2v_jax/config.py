@@ -373,7 +373,9 @@ def from_hyperparameters(mapping: Mapping[str, Any]) -> Config:
         log.warning("token_embedding_storage_type=row_sparse disables bucket_width "
                     "(was %d); using the default length ladder", values["bucket_width"])
         values["bucket_width"] = 0
-    if values["output_layer"] == "mean_squared_error" and "num_classes" in given:
+    # Only a non-default value is news: resolved maps (saved models) always carry the key.
+    if (values["output_layer"] == "mean_squared_error" and "num_classes" in given
+            and values.get("num_classes") != int(SPECS["num_classes"].default)):
         log.info("num_classes=%s is ignored for output_layer=mean_squared_error", given["num_classes"])
 
     return Config(

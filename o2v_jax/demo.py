@@ -1,0 +1,411 @@
+"""`o2v demo`: MovieLens 100k end to end, the SageMaker Object2Vec notebook in minutes on a CPU.
+
+Fetch the ratings (cached after the first run), write the ua split, train the rating
+regression model with the preset in ``o2v_jax/presets/movielens.json`` (the one place the
+demo's hyperparameters live; `o2v train --hyperparameters` reads it unchanged), print the
+validation RMSE next to the global-mean and per-user-mean baselines, embed every movie
+with enc1, print the nearest neighbours of a few well-known titles, write the learning
+curves as a PNG and say how to serve the model.
+
+Layout under ``--out DIR`` (default ``runs/movielens-demo``)::
+
+    data/                  the channels (`o2v data movielens`), unless --data says elsewhere
+    model/                 the trained model (o2v_jax.load / o2v serve --model-dir)
+    learning_curves.png    train and validation MSE per epoch (needs matplotlib)
+    demo.json              the numbers printed
+
+Validation is ua.test, as in the notebook. It is used for the per-epoch curve only: the
+preset fixes the epoch count (chosen on a split of ua.base, benchmarks/RESULTS.md
+"MovieLens quality") and sets early stopping so loose that it only fires on a curve that
+has clearly turned. The headline RMSE is the last epoch's. ``train`` keeps the epoch with
+the lowest validation loss; when that is not the last one the demo says so and prints
+both numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .movielens import MovieLensFiles
+    from .predictor import Predictor
+
+log = logging.getLogger("o2v_jax")
+
+PRESET = "movielens"  # o2v_jax/presets/<name>.json: SageMaker hyperparameters, all strings
+# --quick: the same pipeline with a tiny model (tests, smoke runs); everything else as preset.
+QUICK = {"enc_dim": "8", "enc0_token_embedding_dim": "8", "enc1_token_embedding_dim": "8",
+         "mlp_dim": "8", "mini_batch_size": "16", "epochs": "2"}
+DEFAULT_OUT = Path("runs/movielens-demo")
+# Well-known titles whose neighbours are printed (spec §7.1: the notebook's query was
+# "Terminator, The (1984)", whose nearest movie was "Die Hard (1988)").
+TITLES = ("Terminator, The (1984)", "Toy Story (1995)", "Star Wars (1977)",
+          "Godfather, The (1972)", "Fargo (1996)", "Pulp Fiction (1994)")
+NEIGHBOURS = 5
+# Neighbours are drawn from movies with at least this many training ratings: a movie seen
+# a handful of times keeps an embedding near its (decayed) initialisation, and such
+# near-zero vectors would crowd every list without saying anything about taste.
+MIN_RATINGS = 20
+# References on the same ua split (docs: /work/shared/data-sources.md, spec §7.1).
+REFERENCES = "SageMaker notebook ≈ 0.954, SVD 0.952–0.954, SVD++ 0.938 (scikit-surprise)"
+
+
+# --------------------------------------------------------------------------- configuration
+
+def preset_hyperparameters(name: str = PRESET) -> dict[str, str]:
+    """The preset's SageMaker hyperparameter map (strings), as shipped in the package."""
+    text = resources.files("o2v_jax").joinpath("presets", f"{name}.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def demo_hyperparameters(*, vocab_sizes: tuple[int, int] | None = None, epochs: int | None = None,
+                         quick: bool = False, overrides: Mapping[str, Any] = ()) -> dict[str, str]:
+    """The preset with the data's vocabulary sizes and the demo's overrides applied.
+
+    Args:
+        vocab_sizes: (enc0, enc1) vocabulary sizes of the prepared data (max id + 1);
+            None keeps the preset's (MovieLens 100k: 944, 1683).
+        epochs: overrides the preset's epoch count.
+        quick: apply QUICK (a tiny model).
+        overrides: any further SageMaker hyperparameters, applied last.
+    """
+    hp = preset_hyperparameters()
+    if vocab_sizes is not None:
+        hp |= {"enc0_vocab_size": str(vocab_sizes[0]), "enc1_vocab_size": str(vocab_sizes[1])}
+    if quick:
+        hp |= QUICK
+    if epochs is not None:
+        hp["epochs"] = str(epochs)
+    return hp | {k: str(v) for k, v in dict(overrides).items()}
+
+
+# --------------------------------------------------------------------------- numbers
+
+def rmse(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Root mean squared error of float (N,) predictions against float (N,) labels."""
+    err = np.asarray(predictions, np.float64).reshape(-1) - np.asarray(labels, np.float64)
+    return float(np.sqrt(np.mean(err * err)))
+
+
+def baselines(users: np.ndarray, ratings: np.ndarray, val_users: np.ndarray,
+              val_ratings: np.ndarray) -> dict[str, float]:
+    """RMSE on validation of the two baselines the notebook shows (spec §7.1).
+
+    Args:
+        users, ratings: int (N,) user ids and float (N,) ratings of the train split.
+        val_users, val_ratings: the same for validation.
+
+    Returns:
+        {"global mean": RMSE of predicting the train mean, "per-user mean": RMSE of
+        predicting each user's train mean (the global mean for users without one)}.
+    """
+    mean = float(np.mean(ratings))
+    size = int(max(users.max(), val_users.max())) + 1
+    sums = np.bincount(users, weights=ratings, minlength=size)
+    counts = np.bincount(users, minlength=size)
+    per_user = np.where(counts > 0, sums / np.maximum(counts, 1), mean)
+    return {"global mean": rmse(np.full(len(val_ratings), mean), val_ratings),
+            "per-user mean": rmse(per_user[val_users], val_ratings)}
+
+
+def nearest(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int,
+            metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest candidates of each query (the query itself excluded).
+
+    Args:
+        vectors: float32 (V, H) one embedding per item id (row = id).
+        queries: int (Q,) item ids.
+        candidates: int (C,) item ids to search.
+        k: neighbours per query.
+        metric: "cosine" (similarity, higher is nearer) or "euclidean" (distance).
+
+    Returns:
+        (ids int (Q, k), scores float (Q, k)), nearest first.
+    """
+    q, c = vectors[queries].astype(np.float64), vectors[candidates].astype(np.float64)
+    if metric == "cosine":
+        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        cn = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        score = qn @ cn.T  # (Q, C)
+        key = -score
+    elif metric == "euclidean":
+        sq = (q * q).sum(1)[:, None] - 2 * q @ c.T + (c * c).sum(1)[None, :]
+        score = np.sqrt(np.maximum(sq, 0.0))
+        key = score.copy()
+    else:
+        raise ValueError(f"metric={metric!r}; expected 'cosine' or 'euclidean'")
+    key[candidates[None, :] == queries[:, None]] = np.inf  # never a movie's own neighbour
+    k = min(k, max(len(candidates) - 1, 0))
+    top = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return candidates[top], np.take_along_axis(score, top, axis=1)
+
+
+def read_titles(path: Path | None) -> dict[int, str]:
+    """item id -> title from the movies.tsv `o2v data movielens` writes ({} without one)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
+    return {int(f[0]): f[1] for f in (line.split("\t") for line in lines if line)}
+
+
+# --------------------------------------------------------------------------- the plot
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, *,
+                reference: Mapping[str, float] = (), kept_epoch: int | None = None) -> Path | None:
+    """Train and validation MSE per epoch as a PNG; None (and a note) without matplotlib.
+
+    Args:
+        history: TrainResult.history (train_/validation_mean_squared_error per epoch).
+        path: the PNG to write.
+        reference: label -> validation MSE of a baseline, drawn as horizontal lines.
+        kept_epoch: the epoch whose parameters were kept, marked on the curve.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no learning-curve PNG "
+              "(pip install 'o2v-jax[plot]' to get one)")
+        return None
+    epochs = [h["epoch"] for h in history]  # from 0, as in the metric lines
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(epochs, [h["train_mean_squared_error"] for h in history], "o-", label="train")
+    if any("validation_mean_squared_error" in h for h in history):
+        val = [h.get("validation_mean_squared_error", np.nan) for h in history]
+        ax.plot(epochs, val, "s-", label="validation (ua.test)")
+        if kept_epoch is not None and 0 <= kept_epoch < len(val):
+            ax.plot([kept_epoch], [val[kept_epoch]], "k*", ms=12, label="kept epoch")
+    for (name, mse), style in zip(dict(reference).items(), (":", "--", "-.")):
+        ax.axhline(mse, color="grey", ls=style, lw=1, label=f"{name} (validation)")
+    ax.set_xlabel("epoch (from 0)")
+    ax.set_ylabel("mean squared error")
+    ax.set_title("Object2Vec on MovieLens 100k (ua split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the demo
+
+@dataclasses.dataclass(frozen=True)
+class DemoResult:
+    """What one demo run measured and wrote."""
+
+    model_dir: Path
+    rmse: float  # validation RMSE after the last epoch (the fixed-epoch protocol)
+    kept_rmse: float  # validation RMSE of the saved model (train keeps its best epoch)
+    kept_epoch: int
+    epochs_run: int
+    baselines: dict[str, float]  # name -> validation RMSE
+    neighbours: dict[str, list[tuple[str, float]]]  # query title -> [(title, cosine)]
+    plot: Path | None
+    train_seconds: float
+    seconds: float  # the whole demo
+
+
+def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = None,
+             source: Path | str | None = None, cache_dir: Path | str | None = None,
+             epochs: int | None = None, quick: bool = False, seed: int = 0,
+             progress: bool | None = None,
+             emit: Callable[[str], None] = print) -> DemoResult:
+    """Run the MovieLens demo; see the module docstring for what it does and writes.
+
+    Args:
+        out: output directory (data/, model/, learning_curves.png, demo.json).
+        data_dir: where to write the channels (default ``out/data``).
+        source: a local u.data / ml-100k.inter / ml-100k.zip / recbole wheel instead of
+            the download (see ``movielens.load_source``).
+        cache_dir: the o2v-jax cache root for the download.
+        epochs: override the preset's epoch count.
+        quick: a tiny model (tests, smoke runs).
+        seed: training seed.
+        progress: tqdm bars: None = when stderr is a terminal.
+        emit: where the printed lines go (metric lines included).
+    """
+    from . import load as load_predictor
+    from .config import from_hyperparameters
+    from .data import read_channel
+    from .movielens import prepare_movielens
+    from .train import train
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    data_dir = Path(data_dir) if data_dir is not None else out / "data"
+    model_dir = out / "model"
+
+    emit("== MovieLens 100k: data")
+    files = prepare_movielens(data_dir, source=source, cache_dir=cache_dir,
+                              progress=progress is not False)
+    emit(f"{files.n_ratings:,} ratings from {files.source}; ua split: "
+         f"{files.n_train:,} train / {files.n_validation:,} validation (each user's first "
+         f"10 ratings), {files.n_users:,} users, {files.n_items:,} movies -> {data_dir}")
+    emit("Data terms: GroupLens research use only, no redistribution; cite Harper & "
+         "Konstan 2015 (docs/movielens.md)")
+
+    config = from_hyperparameters(demo_hyperparameters(
+        vocab_sizes=(files.enc0_vocab_size, files.enc1_vocab_size), epochs=epochs, quick=quick))
+    train_data = read_channel(files.train, config, name="train")
+    val_data = read_channel(files.validation, config, name="validation")
+    # One token per side: the flat token arrays are the user and item ids, row by row.
+    users, items = train_data.in0.tokens, train_data.in1.tokens
+    val_users = val_data.in0.tokens
+    base = baselines(users, train_data.labels, val_users, val_data.labels)
+
+    changes = (["--quick: a tiny model"] if quick else []) + ([f"--epochs {epochs}"] if epochs else [])
+    emit(f"\n== Training: preset o2v_jax/presets/{PRESET}.json"
+         + (f" with {', '.join(changes)}" if changes else ""))
+    emit("  " + " ".join(f"{k}={v}" for k, v in sorted(config.to_hyperparameters().items())
+                         if k in _SHOWN))
+    t0 = time.perf_counter()
+    result = train(config, train_data, validation=val_data, model_dir=model_dir, seed=seed,
+                   emit=emit, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    history = result.history
+    last_rmse = float(np.sqrt(history[-1]["validation_mean_squared_error"]))
+
+    predictor = load_predictor(model_dir)
+    kept_rmse = rmse(predictor.predict(val_data.in0, val_data.in1)[:, 0], val_data.labels)
+    emit(f"\n== Validation RMSE on ua.test ({len(val_data):,} ratings)")
+    rows = [(name, value) for name, value in base.items()]
+    # Epochs numbered from 0, as in the metric lines above.
+    rows.append((f"Object2Vec, epoch {result.epochs_run - 1} (last)", last_rmse))
+    if result.best_epoch != result.epochs_run - 1:
+        rows.append((f"Object2Vec, epoch {result.best_epoch} (kept: lowest validation loss)",
+                     kept_rmse))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        emit(f"  {name:<{width}}  {value:.4f}")
+    emit(f"  references on this split: {REFERENCES}")
+    emit(f"  training: {train_seconds:.1f} s for {result.epochs_run} epochs "
+         f"({len(train_data):,} ratings/epoch)")
+
+    neighbours = _neighbours(predictor, files, items, emit)
+
+    plot = plot_curves(history, out / "learning_curves.png", kept_epoch=result.best_epoch,
+                       reference={name: value ** 2 for name, value in base.items()})
+    if plot is not None:
+        emit(f"\nLearning curves: {plot}")
+
+    emit("\n== Serving")
+    emit(f"  this model:    o2v serve --model-dir {model_dir}   (127.0.0.1:8080)")
+    emit("  shipped model: just serve   (checkpoints/movielens-100k, trained with this preset)")
+    emit("  score a pair:  curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
+         "application/json' -d '{\"instances\": [{\"in0\": [196], \"in1\": [242]}]}'")
+    emit("  embed a movie: curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
+         "application/json' -d '{\"instances\": [{\"in1\": [195]}]}'")
+
+    seconds = time.perf_counter() - t_start
+    demo = DemoResult(model_dir=model_dir, rmse=last_rmse, kept_rmse=kept_rmse,
+                      kept_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                      baselines=base, neighbours=neighbours, plot=plot,
+                      train_seconds=train_seconds, seconds=seconds)
+    (out / "demo.json").write_text(json.dumps(
+        {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(demo).items()}
+        | {"hyperparameters": config.to_hyperparameters(), "seed": seed},
+        indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    emit(f"\nDone in {seconds:.0f} s ({out / 'demo.json'}).")
+    return demo
+
+
+# Hyperparameters worth a glance in the training header (the rest are in model/).
+_SHOWN = ("enc_dim", "enc0_network", "enc1_network", "comparator_list", "mlp_layers", "mlp_dim",
+          "mlp_activation", "dropout", "optimizer", "learning_rate", "weight_decay",
+          "mini_batch_size", "epochs")
+
+
+def _neighbours(predictor: Predictor, files: MovieLensFiles, items: np.ndarray,
+                emit: Callable[[str], None]) -> dict[str, list[tuple[str, float]]]:
+    """Embed every movie with enc1 and print the cosine neighbours of TITLES.
+
+    Args:
+        items: int (N,) the item id of every training rating (for the rating counts).
+    """
+    vocab = predictor.vocab_sizes[1]
+    ids = np.arange(1, vocab, dtype=np.int32)
+    vectors = np.zeros((vocab, predictor.enc_dim), np.float32)  # row = item id; row 0 unused
+    vectors[1:] = predictor.embed(ids[:, None], encoder="in1")
+    counts = np.bincount(items, minlength=vocab)
+    min_ratings = MIN_RATINGS
+    if np.count_nonzero(counts >= min_ratings) <= NEIGHBOURS:  # small data (a sample, tests)
+        min_ratings = 1
+    candidates = np.flatnonzero(counts >= min_ratings)
+    titles = read_titles(files.movies)
+    by_title = {t: i for i, t in titles.items()}
+    queries = [by_title[t] for t in TITLES if t in by_title and counts[by_title[t]] > 0]
+    if not queries:  # no titles (a bare u.data): the three most-rated movies
+        queries = [int(i) for i in np.argsort(-counts, kind="stable")[:3]]
+
+    def name(i: int) -> str:
+        return titles.get(int(i), f"item {int(i)}")
+
+    emit(f"\n== Nearest movies by cosine similarity of enc1 embeddings "
+         f"({len(ids):,} movies embedded; neighbours among the {len(candidates):,} with "
+         f">= {min_ratings} training ratings)")
+    found, score = nearest(vectors, np.asarray(queries), candidates, NEIGHBOURS)
+    neighbours = {}
+    for q, row, sims in zip(queries, found, score):
+        neighbours[name(q)] = [(name(i), round(float(s), 4)) for i, s in zip(row, sims)]
+        emit(f"  {name(q)}:")
+        emit("      " + "; ".join(f"{name(i)} {s:.2f}" for i, s in zip(row, sims)))
+    return neighbours
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `demo` to the `o2v` subcommands; sets `func=run`."""
+    p = subparsers.add_parser(
+        "demo", help="MovieLens 100k end to end: fetch, train, RMSE vs baselines, neighbours",
+        description="The SageMaker Object2Vec MovieLens notebook in minutes on a CPU: fetch "
+                    "MovieLens 100k (cached), train rating regression with the preset "
+                    "o2v_jax/presets/movielens.json, print validation RMSE next to the "
+                    "global-mean and per-user-mean baselines, the nearest movies of a few "
+                    "titles, write learning curves and say how to serve the model.")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                   help=f"output directory: data/, model/, learning_curves.png, demo.json "
+                        f"(default {DEFAULT_OUT})")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="where to write the MovieLens channels (default OUT/data)")
+    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
+                   help="a local u.data, ml-100k.inter, ml-100k.zip or the recbole wheel "
+                        "instead of downloading")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="o2v-jax cache root for the download (default ~/.cache/o2v-jax)")
+    p.add_argument("--epochs", type=int, metavar="N", help="override the preset's epoch count")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="a tiny model, for tests and smoke runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """`o2v demo`. Returns the exit code."""
+    from .movielens import MovieLensError
+
+    try:
+        run_demo(args.out, data_dir=args.data, source=args.source, cache_dir=args.cache_dir,
+                 epochs=args.epochs, quick=args.quick, seed=args.seed,
+                 progress=False if args.no_progress else None,
+                 emit=lambda line: print(line, flush=True))
+    except MovieLensError as e:
+        print(f"o2v demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
