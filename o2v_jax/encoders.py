@@ -31,8 +31,48 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     if rate >= 1.0:  # dropout=1 is a legal hyperparameter (spec §2.2); avoid 0/0.
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = keep_mask(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array):
+    """Threefry-2x32, 20 rounds (Salmon et al. 2011; the hash behind jax.random), unrolled.
+
+    jax.random lowers this hash to a 5-step while loop on CPU (to compile faster); written
+    out, XLA fuses it into one elementwise loop, ~6x faster, which is 10% of a training
+    step of the Wikipedia job (benchmarks/RESULTS.md). uint32 in, (uint32, uint32) out.
+    """
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for group in range(5):
+        for r in _THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))) ^ x0
+        x0 = x0 + ks[(group + 1) % 3]
+        x1 = x1 + ks[(group + 2) % 3] + jnp.uint32(group + 1)
+    return x0, x1
+
+
+def keep_mask(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """bool ``shape``, each element True with probability ``p`` (to 2^-32), from ``key``.
+
+    ``jax.random.bernoulli``'s job for threefry keys (the default), on :func:`_threefry2x32`
+    with counters 0..n/2; other key types go to ``jax.random.bernoulli``.
+    """
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    if data.shape != (2,) or data.dtype != jnp.uint32:
+        return jax.random.bernoulli(key, p, shape)
+    n = 1
+    for d in shape:
+        n *= d
+    half = (n + 1) // 2
+    counter = jax.lax.iota(jnp.uint32, half)
+    b0, b1 = _threefry2x32(data[0], data[1], counter, jnp.zeros_like(counter))
+    bits = jnp.concatenate([b0, b1])[:n].reshape(shape)
+    return bits < jnp.uint32(min(round(p * 2.0**32), 2**32 - 1))
 
 
 def masked_max(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -60,6 +100,99 @@ class PooledEmbedding(nnx.Module):
         s = jnp.sum(jnp.where(mask[:, :, None], x, 0.0), axis=1)  # (B, D)
         n = jnp.sum(m, axis=1)  # (B, 1)
         return s / (n + (n == 0))  # n + (n == 0): all-padding rows give 0, not nan.
+
+    def from_ids(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+        """The same masked mean straight from ids, never materialising (B, L, D).
+
+        table: float32 (V, D), tokens: int32 (B, L) (0 = padding) -> float32 (B, D).
+        """
+        return embedding_bag_mean(table, tokens)
+
+
+# Positions per unrolled step of the bag loops: enough straight-line gathers for the CPU
+# to overlap their loads, few enough to keep compile time flat in L.
+_BAG_UNROLL = 8
+
+
+def _bag_counts(tokens: jax.Array, dtype) -> jax.Array:
+    """(B, 1) real-token counts with empty rows counted as 1 (their mean is 0, not nan)."""
+    n = jnp.sum(tokens != 0, axis=1, keepdims=True).astype(dtype)
+    return n + (n == 0)
+
+
+def _bag_sum(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Sum of the real tokens' rows: float32 (B, D), one (B, D) gather per position.
+
+    Accumulating position by position keeps the working set at (B, D), which stays in
+    cache; gathering (B, L, D) first and reducing it afterwards writes and re-reads
+    B * L * D floats from memory: Predictor.embed was ~3-4x slower (benchmarks/RESULTS.md).
+    """
+    batch, length = tokens.shape
+
+    def add(pos, acc):
+        col = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)  # (B,)
+        # where, not a multiply by the mask: a non-finite padding row cannot leak in.
+        return acc + jnp.where((col != 0)[:, None], table.at[col].get(mode="clip"), 0.0)
+
+    return jax.lax.fori_loop(0, length, add, jnp.zeros((batch, table.shape[1]), table.dtype),
+                             unroll=min(length, _BAG_UNROLL))
+
+
+@jax.custom_vjp
+def embedding_bag_mean(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Masked mean of token rows, ``table[tokens]`` averaged over the non-zero ids.
+
+    Exactly :class:`PooledEmbedding` applied to ``table[tokens]``, computed like torch's
+    ``EmbeddingBag(mode="mean", padding_idx=0)``. The gradient w.r.t. the table is a
+    scatter-add of each row's output gradient / count into its tokens' rows.
+
+    Args:
+      table: float32 (V, D).
+      tokens: int32 (B, L), ids in [0, V), 0 = padding.
+
+    Returns:
+      float32 (B, D); all-padding rows give 0.
+    """
+    return _bag_sum(table, tokens) / _bag_counts(tokens, table.dtype)
+
+
+def embedding_bag_mean_grad(num_rows: int, parts) -> jax.Array:
+    """The table gradient of ``sum_i <g_i, embedding_bag_mean(table, tokens_i)>``.
+
+    Each real token of row b adds ``g[b] / count[b]`` to its table row: a scatter-add,
+    done one position at a time ((B, D) updates) so no (B, L, D) array is built. Several
+    bags reading one table (tied in0/in1) share one accumulator.
+
+    Args:
+      num_rows: V, the table's row count.
+      parts: sequence of (tokens int32 (B, L), g float32 (B, D)) pairs.
+
+    Returns:
+      float32 (V, D).
+    """
+    acc = jnp.zeros((num_rows, parts[0][1].shape[1]), parts[0][1].dtype)
+    for tokens, g in parts:
+        gn = g / _bag_counts(tokens, g.dtype)  # (B, D): what each real token of a row gets
+
+        def add(pos, acc, tokens=tokens, gn=gn):
+            col = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
+            return acc.at[col].add(jnp.where((col != 0)[:, None], gn, 0.0), mode="drop")
+
+        acc = jax.lax.fori_loop(0, tokens.shape[1], add, acc,
+                                unroll=min(tokens.shape[1], _BAG_UNROLL))
+    return acc
+
+
+def _bag_fwd(table, tokens):
+    return embedding_bag_mean(table, tokens), (table, tokens)
+
+
+def _bag_bwd(residuals, g):
+    table, tokens = residuals
+    return embedding_bag_mean_grad(table.shape[0], [(tokens, g)]).astype(table.dtype), None
+
+
+embedding_bag_mean.defvjp(_bag_fwd, _bag_bwd)
 
 
 def hcnn_filters(enc_dim: int, layers: int) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from o2v_jax.config import Config
-from o2v_jax.encoders import dropout, make_encoder
+from o2v_jax.encoders import PooledEmbedding, dropout, make_encoder
 
 log = logging.getLogger("o2v_jax")
 
@@ -131,8 +131,12 @@ class Object2Vec(nnx.Module):
             raise ValueError(f"side={side!r} is invalid: expected 0 (enc0) or 1 (enc1)")
         embed, encoder = (self.embed0, self.enc0) if side == 0 else (self.embed1, self.enc1)
         tokens = jnp.asarray(tokens)
-        x = embed(tokens)  # (B, L, D); a gather (jnp.take)
-        u = encoder(x, tokens != 0)
+        if isinstance(encoder, PooledEmbedding):
+            # Pooled straight from ids: no (B, L, D) intermediate (encoders.py says why).
+            u = encoder.from_ids(embed.embedding[...], tokens)
+        else:
+            x = embed(tokens)  # (B, L, D); a gather (jnp.take)
+            u = encoder(x, tokens != 0)
         return dropout(u, self.dropout_rate, dropout_key)
 
     def __call__(self, in0: jax.Array, in1: jax.Array, *,

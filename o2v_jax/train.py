@@ -26,6 +26,7 @@ from . import checkpoint
 from .buckets import batches, count_batches
 from .config import Config
 from .data import PairData, Pretrained, negative_sample
+from .encoders import dropout, embedding_bag_mean, embedding_bag_mean_grad
 from .model import Object2Vec, abstract_model, merge_params, nnx_rngs, split_params
 
 log = logging.getLogger("o2v_jax")
@@ -105,13 +106,6 @@ def _join_tables(rest: Params, tables: Mapping[str, jax.Array]) -> Params:
     return {**rest, **{k: {"embedding": t} for k, t in tables.items()}}
 
 
-def _table_ids(name: str, in0: jax.Array, in1: jax.Array, tied: bool) -> jax.Array:
-    """The token ids that read table `name` in this batch (both sides when tied)."""
-    if tied:
-        return jnp.concatenate([in0.ravel(), in1.ravel()])
-    return (in0 if name == "embed0" else in1).ravel()
-
-
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """The jitted functions of one training run (built once, cached per bucket shape)."""
@@ -119,6 +113,76 @@ class Steps:
     train_step: Callable  # (params, opt_state, in0, in1, labels, weights, key) -> (params, opt_state, sums)
     eval_step: Callable  # (params, in0, in1, labels, weights) -> sums
     init_opt: Callable  # params -> opt_state
+
+
+# Rows per iteration of the lazy optimizer loop: a chunk's parameters, optimizer state and
+# gradient (a few x 256 x D floats) stay in cache between their gather, the optax math
+# and their scatter; 128 rows was ~10% slower, 512 no faster (benchmarks/RESULTS.md).
+ROW_CHUNK = 256
+
+
+def row_cap(rows: int, limit: int) -> int:
+    """The static size a set of ``rows`` gathered table rows is padded to.
+
+    The smallest of 256, 384, 512, 768, 1024, ... (2^k and 3 * 2^(k-1)) that holds
+    ``rows``, at most ``limit`` (the most rows a batch can read), rounded up to a multiple
+    of ROW_CHUNK: each bucket shape compiles for a few sizes only, and the padding wastes
+    under a third of the gradient buffer.
+    """
+    cap = 256
+    while cap < rows:
+        cap = cap * 3 // 2 if cap & (cap - 1) == 0 else cap // 3 * 4
+    cap = max(min(cap, limit), rows)
+    return -(-cap // ROW_CHUNK) * ROW_CHUNK
+
+
+class _RowRemap:
+    """The lazy row_sparse train step: distinct ids found on the host, then the jitted step.
+
+    For each token table, the distinct ids of the batch (row 0, padding, always first)
+    are found with a vocabulary-sized mark array (O(V + B*L), no sort), padded with the
+    out-of-range id V to :func:`row_cap` of their count, and in0/in1 are also given as
+    positions in that list. Doing this on the host keeps the sort out of the compiled
+    step and lets the gradient buffer and the optimizer loop scale with the ids a batch
+    really has (Zipf text: ~0.35 B*L) instead of B*L. The price: a bucket shape compiles
+    once per row_cap size its batches reach (two or three on Zipf text).
+    """
+
+    def __init__(self, config: Config, step: Callable):
+        self.step = step
+        self.tied = config.tied_token_embedding_weight
+        self.vocab = (config.enc0.vocab_size, config.enc1.vocab_size)
+
+    def _cache_size(self) -> int:
+        return self.step._cache_size()
+
+    def _rows(self, ids: list[np.ndarray], side: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """int32 (cap,) sorted distinct ids padded with V, int32 () their count, and
+        ``ids`` as positions in that list."""
+        vocab = self.vocab[side]
+        mark = np.zeros(vocab, bool)
+        mark[0] = True  # padding stays position 0, so the model's `id != 0` mask holds
+        for a in ids:
+            mark[a.ravel()] = True
+        rows = np.flatnonzero(mark).astype(np.int32)
+        lut = np.zeros(vocab, np.int32)
+        lut[rows] = np.arange(rows.size, dtype=np.int32)
+        padded = np.full(row_cap(rows.size, min(vocab, sum(a.size for a in ids) + 1)), vocab,
+                         np.int32)
+        padded[:rows.size] = rows
+        return padded, np.int32(rows.size), [lut[a] for a in ids]
+
+    def __call__(self, params, opt_state, in0, in1, labels, weights, key):
+        in0, in1 = np.asarray(in0), np.asarray(in1)
+        if self.tied:
+            r, n, (in0s, in1s) = self._rows([in0, in1], 0)
+            rows, counts = {"embed0": r}, {"embed0": n}
+        else:
+            r0, n0, (in0s,) = self._rows([in0], 0)
+            r1, n1, (in1s,) = self._rows([in1], 1)
+            rows, counts = {"embed0": r0, "embed1": r1}, {"embed0": n0, "embed1": n1}
+        return self.step(params, opt_state, rows, counts, in0, in1, in0s, in1s, labels,
+                         weights, key)
 
 
 def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) -> Steps:
@@ -156,58 +220,101 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         params = _join_tables(optax.apply_updates(rest, up_rest), new_tables)
         return params, {"rest": st_rest, "tables": st_tables}, sums
 
-    def sparse_step(params, opt_state, in0, in1, labels, weights, key):
-        # Lazy row-wise updates (MXNet's row_sparse + lazy_update): gather the rows this
-        # batch reads into a small (U, D) table, differentiate w.r.t. it, run the same
-        # optax update on the gathered rows of the parameters *and* optimizer state, and
-        # scatter both back. Rows not in the batch, and their moments, are never touched.
-        rest, tables = _split_tables(params)
-        sub_tables, rows = {}, {}
-        for name, table in tables.items():
-            vocab = table.shape[0]
-            ids = _table_ids(name, in0, in1, tied)
-            # Row 0 (padding) is always first so remapped padding stays id 0 and the
-            # model's `id != 0` mask is unchanged; the fill value `vocab` is out of range
-            # (dropped on scatter).
-            ids = jnp.concatenate([jnp.zeros((1,), ids.dtype), ids])
-            r = jnp.unique(ids, size=ids.shape[0], fill_value=vocab)
-            rows[name] = r
-            sub_tables[name] = table.at[r].get(mode="fill", fill_value=0)
+    pooled = all(enc.network == "pooled_embedding" for enc in config.encoders)
+
+    def pooled_loss_fn(rest, u, v, tables, labels, weights, key):
+        # The model from its encodings on: model.encode's output dropout (sites 0 and 1,
+        # model.py) then model.head. Differentiating w.r.t. the pooled vectors (B, D)
+        # instead of the gathered table lets the table gradient be one accumulation over
+        # both sides (encoders.embedding_bag_mean_grad) rather than one (U, D) buffer per
+        # side plus their sum. tests/test_train.py checks this equals the dense step.
+        model = merge_params(graphdef, _join_tables(rest, tables))  # tables: unused
+        site = (lambda i: None) if key is None else (lambda i: jax.random.fold_in(key, i))
+        u, v = dropout(u, config.dropout, site(0)), dropout(v, config.dropout, site(1))
+        output, _ = model.head(u, v, dropout_key=key)
+        return objective(output, labels, weights, regression)
+
+    def sparse_grads(rest, tables, rows, in0, in1, in0s, in1s, labels, weights, key):
+        """(sums, grads of rest, per table the gradient of its rows ``rows``: (cap, D))."""
+        if not pooled:  # through the model, on gathered tables and remapped ids
+            sub = {name: t.at[rows[name]].get(mode="clip") for name, t in tables.items()}
+            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                _join_tables(rest, sub), in0s, in1s, labels, weights, key)
+            return (sums, *_split_tables(grads))
+        # Pooled encoders read the full tables by id (no gathered copy); the table
+        # gradient is accumulated from the (B, D) encoding gradients at remapped ids.
+        t0 = tables["embed0"]
+        t1 = t0 if tied else tables["embed1"]
+        u, v = embedding_bag_mean(t0, in0), embedding_bag_mean(t1, in1)
+        (_, sums), (g_rest, g_u, g_v) = jax.value_and_grad(pooled_loss_fn, argnums=(0, 1, 2), has_aux=True)(
+            rest, u, v, tables, labels, weights, key)
         if tied:
-            r = rows["embed0"]
-            in0s, in1s = jnp.searchsorted(r, in0).astype(in0.dtype), jnp.searchsorted(r, in1).astype(in1.dtype)
+            parts = {"embed0": [(in0s, g_u), (in1s, g_v)]}
         else:
-            in0s = jnp.searchsorted(rows["embed0"], in0).astype(in0.dtype)
-            in1s = jnp.searchsorted(rows["embed1"], in1).astype(in1.dtype) if "embed1" in rows else in1
-        sub_params = _join_tables(rest, sub_tables)
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub_params, in0s, in1s, labels, weights, key)
-        g_rest, g_tables = _split_tables(grads)
+            parts = {"embed0": [(in0s, g_u)], "embed1": [(in1s, g_v)]}
+        g_tables = {name: embedding_bag_mean_grad(rows[name].shape[0], p)
+                    for name, p in parts.items()}
+        return sums, g_rest, g_tables
+
+    def lazy_update(name, table, state, rows, count, grad):
+        """The optax update of only the rows ``rows[:count]`` of a table and its state.
+
+        A loop over ROW_CHUNK-row chunks: gather the chunk's parameters and optimizer
+        state, run ``tx.update`` on them, scatter both back. Chunks keep the work in
+        cache (one read and one write of each touched row), and the loop stops after the
+        last real row, so the padding of ``rows`` costs nothing here. Padding ids are V:
+        gathered with clipping (harmless garbage), dropped by the scatters.
+        """
+        vocab = table.shape[0]
+        per_row = lambda x: x.ndim > 0 and x.shape[0] == vocab  # noqa: E731 - state leaves of table shape
+        mask = keep.get(name)
+
+        def body(i, carry):
+            table, state = carry
+            idx = jax.lax.dynamic_slice_in_dim(rows, i * ROW_CHUNK, ROW_CHUNK)
+            g = jax.lax.dynamic_slice_in_dim(grad, i * ROW_CHUNK, ROW_CHUNK)
+            p = table.at[idx].get(mode="clip")
+            st = jax.tree.map(lambda x: x.at[idx].get(mode="clip") if per_row(x) else x, state)
+            up, st = tx.update(g, st, p)
+            if mask is not None:
+                up = up * mask.at[idx].get(mode="clip")
+            table = table.at[idx].add(up, mode="drop")
+            # Scalar leaves (Adam's step count) are written after the loop, once.
+            state = jax.tree.map(lambda full, part: full.at[idx].set(part, mode="drop")
+                                 if per_row(full) else full, state, st)
+            return table, state
+
+        chunks = (count + ROW_CHUNK - 1) // ROW_CHUNK
+        table, new_state = jax.lax.fori_loop(0, chunks, body, (table, state))
+        # The scalar leaves as one update of no rows computes them (e.g. count + 1).
+        empty = lambda x: x[:0] if per_row(x) else x  # noqa: E731
+        _, scalars = tx.update(grad[:0], jax.tree.map(empty, state), table[:0])
+        return table, jax.tree.map(lambda full, s: full if per_row(full) else s, new_state, scalars)
+
+    def sparse_step(params, opt_state, rows, counts, in0, in1, in0s, in1s, labels, weights, key):
+        # Lazy row-wise updates (MXNet's row_sparse + lazy_update): only the rows this
+        # batch reads, and their optimizer state, are updated; the rest never change.
+        # `rows`, `counts` and the remapped in0s/in1s come from the host (`_RowRemap`).
+        rest, tables = _split_tables(params)
+        sums, g_rest, g_tables = sparse_grads(rest, tables, rows, in0, in1, in0s, in1s,
+                                              labels, weights, key)
         up_rest, st_rest = tx.update(g_rest, opt_state["rest"], rest)
         new_tables, st_tables = {}, {}
         for name, table in tables.items():
-            vocab, r = table.shape[0], rows[name]
-
-            def gather(x, vocab=vocab, r=r):
-                return x.at[r].get(mode="fill", fill_value=0) if x.ndim and x.shape[0] == vocab else x
-
-            def scatter(full, part, vocab=vocab, r=r):
-                return full.at[r].set(part, mode="drop") if full.ndim and full.shape[0] == vocab else part
-
-            st = opt_state["tables"][name]
-            up, st_sub = tx.update(g_tables[name], jax.tree.map(gather, st), sub_tables[name])
-            if name in keep:
-                up = up * keep[name].at[r].get(mode="fill", fill_value=0)
-            new_tables[name] = table.at[r].add(up, mode="drop")
-            st_tables[name] = jax.tree.map(scatter, st, st_sub)
+            new_tables[name], st_tables[name] = lazy_update(
+                name, table, opt_state["tables"][name], rows[name], counts[name], g_tables[name])
         params = _join_tables(optax.apply_updates(rest, up_rest), new_tables)
         return params, {"rest": st_rest, "tables": st_tables}, sums
 
     def eval_step(params, in0, in1, labels, weights):
         return loss_fn(params, in0, in1, labels, weights, None)[1]
 
-    step = sparse_step if config.row_sparse else dense_step
+    if config.row_sparse:
+        train_step = _RowRemap(config, jax.jit(sparse_step, donate_argnums=(0, 1)))
+    else:
+        train_step = jax.jit(dense_step, donate_argnums=(0, 1))
     return Steps(
-        train_step=jax.jit(step, donate_argnums=(0, 1)),
+        train_step=train_step,
         eval_step=jax.jit(eval_step),
         init_opt=jax.jit(init_opt),
     )

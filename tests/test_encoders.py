@@ -153,3 +153,17 @@ def test_bilstm_matches_a_reference_on_unpadded_sequences(layers):
             # Backward direction: run on the reversed real tokens, flip back.
             h = np.concatenate([_lstm_ref(fwd, h), _lstm_ref(bwd, h[::-1])[::-1]], axis=1)
         np.testing.assert_allclose(got[row], h.max(axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_keep_mask_rate_and_keys():
+    from o2v_jax.encoders import keep_mask
+
+    key = jax.random.key(7)
+    mask = np.asarray(keep_mask(key, 0.6, (400, 251)))  # odd size: counters split in two halves
+    assert mask.shape == (400, 251) and mask.dtype == bool
+    assert abs(mask.mean() - 0.6) < 0.01
+    np.testing.assert_array_equal(mask, np.asarray(keep_mask(key, 0.6, (400, 251))))
+    other = np.asarray(keep_mask(jax.random.fold_in(key, 1), 0.6, (400, 251)))
+    assert abs((mask & other).mean() - 0.36) < 0.01  # independent masks, not shifted copies
+    assert np.asarray(keep_mask(key, 1.0, (1000,))).all()
+    assert not np.asarray(keep_mask(key, 0.0, (1000,))).any()

@@ -178,6 +178,41 @@ def test_row_sparse_matches_dense_sgd_without_decay():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_row_sparse_first_adam_step_equals_dense_over_many_row_chunks():
+    # From zero moments one Adam step leaves rows without gradient where they are, so the
+    # lazy and dense updates agree exactly; ~900 distinct ids span several of the lazy
+    # loop's row chunks (train.ROW_CHUNK) and a padded row set (train.row_cap).
+    from o2v_jax.train import ROW_CHUNK
+
+    hp = tiny_hp(enc0_vocab_size=5000, enc0_max_seq_len=32, optimizer="adam")
+    rng = np.random.default_rng(3)
+    in0, in1 = (rng.integers(1, 5000, size=(16, 32)).astype(np.int32) for _ in range(2))
+    in0[:, -3:] = 0
+    batch = (in0, in1, rng.integers(0, 2, 16).astype(np.float32), np.ones(16, np.float32))
+    assert len(np.unique(np.concatenate([in0, in1]))) > 2 * ROW_CHUNK
+    dense = from_hyperparameters(hp)
+    _, p_dense, s_dense = _one_step_state(dense, batch, steps_n=1)
+    _, p_sparse, s_sparse = _one_step_state(
+        dense.replace(token_embedding_storage_type="row_sparse"), batch, steps_n=1)
+    for a, b in zip(jax.tree.leaves((p_dense, s_dense)), jax.tree.leaves((p_sparse, s_sparse))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", ["true", "false"])
+def test_row_sparse_pooled_path_matches_dense_with_dropout(tied):
+    # The row_sparse step differentiates pooled encoders w.r.t. their (B, D) outputs and
+    # applies model.encode's output dropout itself: same dropout masks (same sites), same
+    # gradients as the dense step through the model, or this fails.
+    batch = _batch(vocab_used=30)
+    dense = from_hyperparameters(tiny_hp(optimizer="sgd", learning_rate=0.1, dropout=0.3,
+                                         tied_token_embedding_weight=tied))
+    sparse = dense.replace(token_embedding_storage_type="row_sparse")
+    _, p_dense, _ = _one_step_state(dense, batch, steps_n=2)
+    _, p_sparse, _ = _one_step_state(sparse, batch, steps_n=2)
+    for a, b in zip(jax.tree.leaves(p_dense), jax.tree.leaves(p_sparse)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- frozen rows
 
 @pytest.mark.parametrize("optimizer,storage", [("adam", "dense"), ("adagrad", "dense"),
