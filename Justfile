@@ -26,7 +26,7 @@ serve *ARGS: install
 
 # Run the benchmarks (baselines in the same run; results go to benchmarks/RESULTS.md by hand)
 bench *ARGS: install
-    {{py}} -m pip install -q torch==2.13.0 || {{py}} -m pip install -q torch
+    {{py}} -m pip install -q -e '.[bench]'
     {{py}} benchmarks/run_all.py {{ARGS}}
 
 # Train from a hyperparameters file: just train --train data/train.jsonl --model-dir runs/m ...

@@ -1,0 +1,258 @@
+"""HTTP serving throughput of ``o2v serve`` on loopback, against in-process ``embed()``.
+
+The server runs as its own process (``python -m o2v_jax.cli serve``, 127.0.0.1, a free
+port) on a model with random parameters (bench_embed's pooled_embedding model: vocab
+50,000, dim 256, max_seq_len 64); it compiles its buckets before /ping says 200.
+
+(a) Bulk: requests of 1,000 embedding records (``{"instances": [{"in0": [...]}, ...]}``,
+    lengths uniform in 4..64) sent one at a time over a keep-alive connection; records/s
+    against ``Predictor.embed`` on the same 1,000 lists in this process (interleaved,
+    medians). The HTTP side includes JSON decoding, the JSON response of 1,000 x 256
+    floats and its transfer; the in-process side is the model alone.
+(b) Small: single-record requests from 16 concurrent clients (threads with their own
+    keep-alive ``http.client`` connection; bounded count per client), requests/s and
+    p50/p99 latency; with ``--wrk`` also wrk (``apt-get install wrk``) for a fixed time.
+
+    python benchmarks/bench_server.py [--quick] [--json out.json] [--wrk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+import synthetic  # noqa: E402
+from bench_embed import MAX_LEN, VOCAB, build_model  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``o2v serve`` in a child process; ``stop()`` sends SIGTERM (a clean drain)."""
+
+    def __init__(self, model_dir: Path, port: int, log_path: Path):
+        self.port = port
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "o2v_jax.cli", "serve", "--model-dir", str(model_dir),
+             "--host", HOST, "--port", str(port)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=HERE.parent)
+
+    def wait_ready(self, timeout: float = 600.0) -> float:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"bench_server: the server exited ({self.proc.returncode}); "
+                                 f"see {self.log.name}")
+            try:
+                conn = http.client.HTTPConnection(HOST, self.port, timeout=2)
+                conn.request("GET", "/ping")
+                status = conn.getresponse().status
+                conn.close()
+                if status == 200:
+                    return time.perf_counter() - t0
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("bench_server: the server did not become ready in time")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def post(conn: http.client.HTTPConnection, body: bytes) -> bytes:
+    conn.request("POST", "/invocations", body=body,
+                 headers={"Content-Type": "application/json", "Accept": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    if response.status != 200:
+        raise SystemExit(f"bench_server: HTTP {response.status}: {data[:200]!r}")
+    return data
+
+
+def body_of(seqs: list[list[int]]) -> bytes:
+    return json.dumps({"instances": [{"in0": s} for s in seqs]}).encode()
+
+
+def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
+    body = body_of(seqs)
+    conn = http.client.HTTPConnection(HOST, port, timeout=120)
+    got = np.array([p["embeddings"] for p in json.loads(post(conn, body))["predictions"]],
+                   np.float32)
+    want = predictor.embed(seqs)
+    err = float(np.abs(got - want).max())
+    if not err < 1e-5:
+        raise SystemExit(f"bench_server: HTTP and in-process embeddings differ by {err}")
+    from o2v_jax import wire
+
+    request = wire.decode_request(body, "application/json", vocab_sizes=predictor.vocab_sizes,
+                                  max_seq_lens=predictor.max_seq_lens)
+    values = predictor.embed(seqs)
+    times = common.interleaved({
+        "http": lambda: post(conn, body),
+        "in-process embed()": lambda: predictor.embed(seqs),
+        "in-process invoke()": lambda: predictor.invoke(body, "application/json", "application/json"),
+        "  of which decode": lambda: wire.decode_request(
+            body, "application/json", vocab_sizes=predictor.vocab_sizes,
+            max_seq_lens=predictor.max_seq_lens),
+        "  of which encode": lambda: wire.encode_response("embeddings", values, "application/json"),
+    }, repeat)
+    conn.close()
+    n = len(seqs)
+    med = {k: common.median(v) for k, v in times.items()}
+    rates = {k: n / v for k, v in med.items()}
+    overhead = med["http"] / med["in-process embed()"] - 1.0
+    transport = med["http"] / med["in-process invoke()"] - 1.0
+    response_bytes = len(wire.encode_response("embeddings", values, "application/json"))
+    print(f"\n== (a) {n:,}-record embedding requests ({len(body) / 1e6:.2f} MB request, "
+          f"{response_bytes / 1e6:.2f} MB JSON response); max |HTTP - in-process| = {err:.1e}")
+    for k, v in med.items():
+        print(f"  {k:22s} {v * 1e3:8.1f} ms/request  {common.fmt_rate(n / v):>9} records/s")
+    print(f"  HTTP vs in-process embed(): {overhead:+.0%} time per request (records/s through "
+          f"HTTP = {rates['http'] / rates['in-process embed()']:.2f}x); vs in-process invoke() "
+          f"(same JSON decode/encode, no sockets): {transport:+.0%}")
+    del request
+    return {"records_per_request": n, "request_bytes": len(body), "response_bytes": response_bytes,
+            "seconds": med, "records_per_second": rates, "overhead_vs_embed": overhead,
+            "overhead_vs_invoke": transport, "max_abs_diff": err}
+
+
+def concurrent(port: int, seqs: list[list[int]], clients: int, per_client: int) -> dict:
+    """``clients`` threads, each with its own keep-alive connection, ``per_client`` requests."""
+    bodies = [body_of([s]) for s in seqs]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=60)
+            post(conn, bodies[i])  # connect and warm before the clock
+            start.wait()
+            for k in range(per_client):
+                t = time.perf_counter()
+                post(conn, bodies[(i * per_client + k) % len(bodies)])
+                latencies[i].append(time.perf_counter() - t)
+            conn.close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"bench_server: client failed: {errors[0]!r}")
+    lat = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
+    total = lat.size
+    out = {"clients": clients, "requests": total, "seconds": wall, "requests_per_second": total / wall,
+           "latency_ms": {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
+                          "p99": float(np.percentile(lat, 99)), "max": float(lat.max())}}
+    print(f"\n== (b) single-record requests, {clients} concurrent Python clients "
+          f"(http.client, keep-alive), {total:,} requests")
+    print(f"  {common.fmt_rate(total / wall)} requests/s; latency p50 {out['latency_ms']['p50']:.1f} ms, "
+          f"p90 {out['latency_ms']['p90']:.1f} ms, p99 {out['latency_ms']['p99']:.1f} ms")
+    return out
+
+
+def run_wrk(port: int, seq: list[int], clients: int, seconds: int) -> dict | None:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("  wrk is not installed (apt-get install -y wrk); skipped")
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = {json.dumps(body_of([seq]).decode())}\n")
+        script = f.name
+    try:
+        out = subprocess.run([wrk, "-t2", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", script,
+                              f"http://{HOST}:{port}/invocations"],
+                             capture_output=True, text=True, timeout=seconds + 60).stdout
+    finally:
+        os.unlink(script)
+    print(f"\n== (b') wrk -t2 -c{clients} -d{seconds}s, single-record requests\n"
+          + "\n".join("  " + line for line in out.strip().splitlines()))
+    parsed = {"raw": out}
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            parsed["requests_per_second"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
+            parsed[f"p{parts[0][:-1]}"] = parts[1]
+    if "Non-2xx" in out or "Socket errors" in out:
+        print("  (wrk saw errors: see above)")
+    return parsed
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(ap)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--wrk", action="store_true", help="also run wrk if installed")
+    args = ap.parse_args(argv)
+    repeat = args.repeat or (3 if args.quick else 9)
+    per_client = 20 if args.quick else 150
+
+    import o2v_jax
+
+    seqs = synthetic.uniform_lengths(1000, 4, MAX_LEN, VOCAB, seed=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        build_model(model_dir, "pooled_embedding")
+        server = ServerProcess(model_dir, free_port(), Path(tmp) / "server.log")
+        try:
+            predictor = o2v_jax.load(model_dir)
+            predictor.warmup(mode="embedding")
+            ready = server.wait_ready()
+            print(f"server ready on {HOST}:{server.port} after {ready:.1f} s (model load + "
+                  f"warm-up in its own process)", flush=True)
+            results = {"bulk": bulk(server.port, predictor, seqs, repeat)}
+            results["concurrent"] = concurrent(server.port, seqs, args.clients, per_client)
+            if args.wrk:
+                results["wrk"] = run_wrk(server.port, seqs[0], args.clients, 5 if args.quick else 15)
+        finally:
+            server.stop()
+    common.write_json(args.json, "bench_server", results)
+    b, c = results["bulk"], results["concurrent"]
+    print("\nsummary:")
+    print(f"  (a) 1,000-record requests: {common.fmt_rate(b['records_per_second']['http'])} records/s "
+          f"over HTTP vs {common.fmt_rate(b['records_per_second']['in-process embed()'])} in-process "
+          f"embed() (overhead {b['overhead_vs_embed']:+.0%}; {b['overhead_vs_invoke']:+.0%} vs "
+          f"in-process invoke() with the same JSON work)")
+    print(f"  (b) {c['clients']} clients x 1 record: {common.fmt_rate(c['requests_per_second'])} requests/s, "
+          f"p50 {c['latency_ms']['p50']:.1f} ms, p99 {c['latency_ms']['p99']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
