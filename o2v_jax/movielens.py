@@ -432,6 +432,7 @@ def parse_movies(data: bytes, name: str) -> dict[int, Movie]:
         i_class = head.index("class") if "class" in head else None
         sep, width, start = "\t", len(head), 1
     else:
+        i_id = 0
         lines = data.decode("latin-1").splitlines()
         sep, width, start = "|", 5 + len(GENRES), 0
     movies: dict[int, Movie] = {}
@@ -439,7 +440,7 @@ def parse_movies(data: bytes, name: str) -> dict[int, Movie]:
         if not line.strip():
             continue
         f = line.split(sep)
-        if len(f) != width or not f[0].isdigit():
+        if len(f) != width or not f[i_id].isdigit():
             raise MovieLensError(f"{name}:{n}: expected {width} {sep!r}-separated fields "
                                  f"starting with an item id, got {line!r}")
         if sep == "|":
@@ -449,7 +450,7 @@ def parse_movies(data: bytes, name: str) -> dict[int, Movie]:
             year = f[i_year] if i_year is not None else ""
             title = f"{f[i_title]} ({year})" if year.isdigit() else f[i_title]
             genres = tuple(f[i_class].split()) if i_class is not None else ()
-        movies[int(f[0])] = Movie(title=title, genres=genres)
+        movies[int(f[i_id])] = Movie(title=title, genres=genres)
     return movies
 
 
