@@ -25,7 +25,6 @@ finished numpy/torch results, rounds alternate ours / torch, medians, ratio last
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import optax
 
 from . import checkpoint
-from .buckets import batches, count_batches
+from .buckets import batches
 from .config import Config
 from .data import PairData, Pretrained, negative_sample
 from .encoders import dropout, embedding_bag_mean, embedding_bag_mean_grad
