@@ -56,3 +56,18 @@ def tiny_config():
     from o2v_jax.config import from_hyperparameters
 
     return from_hyperparameters(tiny_hp())
+
+
+def train_tiny_model(root: Path, **hp) -> Path:
+    """Train a tiny model for one epoch under ``root`` and return its model directory.
+
+    Training sequences of <= 4 ids fill one bucket: one train-step compile, a fast fixture.
+    """
+    from o2v_jax.config import from_hyperparameters
+    from o2v_jax.data import read_channel
+    from o2v_jax.train import train
+
+    config = from_hyperparameters(tiny_hp(**hp))
+    data = read_channel(write_jsonl(root / "train.jsonl", group_pairs(48, 0, max_len=4)), config)
+    train(config, data, model_dir=root / "model", emit=lambda line: None, progress=False)
+    return root / "model"

@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import msgspec
 import numpy as np
 import pytest
-from conftest import group_pairs, tiny_hp, write_jsonl
+from conftest import tiny_hp, train_tiny_model
 
 import o2v_jax
 from o2v_jax import checkpoint, wire
 from o2v_jax.config import from_hyperparameters
-from o2v_jax.data import Ragged, read_channel
+from o2v_jax.data import Ragged
 from o2v_jax.model import abstract_model, merge_params
 from o2v_jax.predictor import ENV_PREFERRED_MODE, batch_plan, load
-from o2v_jax.train import init_params, train
+from o2v_jax.train import init_params
 
 ATOL = 1e-5  # float32 on CPU; see docs/inference.md "Same answers everywhere"
 # Small ladders keep the suite fast and still exercise every code path: lengths
@@ -83,12 +83,7 @@ def count_compiles():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny pooled_embedding classifier trained for one epoch."""
-    root = tmp_path_factory.mktemp("predictor")
-    config = from_hyperparameters(tiny_hp(**HP))
-    # Training sequences of <= 4 ids fill one bucket: one train-step compile, a fast fixture.
-    data = read_channel(write_jsonl(root / "train.jsonl", group_pairs(48, 0, max_len=4)), config)
-    train(config, data, model_dir=root / "model", emit=lambda line: None, progress=False)
-    return root / "model"
+    return train_tiny_model(tmp_path_factory.mktemp("predictor"), **HP)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,10 @@ import json
 import msgspec
 import numpy as np
 import pytest
-from conftest import group_pairs, tiny_hp, write_jsonl
+from conftest import train_tiny_model
 
 from o2v_jax import wire
-from o2v_jax.config import from_hyperparameters
-from o2v_jax.data import read_channel
 from o2v_jax.predictor import load
-from o2v_jax.train import train
 from o2v_jax.transform import (TransformError, _mini_batches, add_parser, settings, transform,
                                transform_file)
 
@@ -27,12 +24,8 @@ TINY_PAYLOAD_MB = 400 / (1 << 20)  # 400 bytes: a few lines per mini-batch
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    root = tmp_path_factory.mktemp("transform")
-    config = from_hyperparameters(tiny_hp(**HP))
-    # Training sequences of <= 4 ids fill one bucket: one train-step compile, a fast fixture.
-    data = read_channel(write_jsonl(root / "train.jsonl", group_pairs(48, 0, max_len=4)), config)
-    train(config, data, model_dir=root / "model", emit=lambda line: None, progress=False)
-    return load(root / "model", batch_sizes=(1, 4, 16), max_batch_tokens=64)
+    model_dir = train_tiny_model(tmp_path_factory.mktemp("transform"), **HP)
+    return load(model_dir, batch_sizes=(1, 4, 16), max_batch_tokens=64)
 
 
 def pairs(n, seed=0):
@@ -96,7 +89,7 @@ def test_bad_line_stops_with_file_and_line(predictor, tmp_path):
     lines = [json.dumps(r) for r in pairs(10)]
     lines[6] = '{"in0": [1, 2, 99], "in1": [3]}'
     src = write_lines(tmp_path / "bad.jsonl", lines)
-    with pytest.raises(TransformError, match=rf"bad\.jsonl:7: \$\[line 7\]\.in0\[2\]: token id 99"):
+    with pytest.raises(TransformError, match=r"bad\.jsonl:7: \$\[line 7\]\.in0\[2\]: token id 99"):
         transform_file(predictor, src, tmp_path / "bad.out", max_payload_mb=TINY_PAYLOAD_MB)
     assert not (tmp_path / "bad.out").exists() and not (tmp_path / "bad.out.tmp").exists()
     lines[6] = '{"in0": [1, 2'
