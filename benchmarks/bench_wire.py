@@ -1,10 +1,10 @@
 """How fast o2v_jax.wire encodes responses and decodes requests, against the obvious ways.
 
 Encoding: N embeddings of width H (default 1,000 x 256, float32 ~N(0, 0.1)) through
-``wire.encode_response`` in both formats, with its float step (``shortest_float64``)
-alone; baselines in the same run: msgspec on the floats widened to float64 (fast, but
-prints ``0.10000000149011612``), and numpy's shortest float32 strings joined by Python
-(right, but slow). Decoding: ``wire.decode_request`` on a body of N instances of about
+``wire.encode_response`` in both formats (orjson writing the float32 rows); baselines
+in the same run: msgspec on the floats widened to float64 (prints
+``0.10000000149011612``), and numpy's shortest float32 strings joined by Python (right,
+but slow). Decoding: ``wire.decode_request`` on a body of N instances of about
 50 tokens. Reports the best and median of ``--repeat`` runs after one warm-up.
 
     python benchmarks/bench_wire.py [--rows 1000] [--width 256] [--repeat 20]
@@ -48,7 +48,6 @@ def main() -> None:
         return "".join('{"embeddings":[' + ",".join(r) + "]}\n" for r in rows).encode()
 
     cases = [
-        ("wire.shortest_float64", lambda: wire.shortest_float64(x)),
         ("wire.encode_response json", lambda: wire.encode_response("embeddings", x, wire.JSON)),
         ("wire.encode_response jsonlines", lambda: wire.encode_lines("embeddings", x)),
         ("baseline: msgspec, float64 (long reprs)", lambda: msgspec.json.encode(x.astype(np.float64).tolist())),

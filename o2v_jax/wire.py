@@ -1,6 +1,6 @@
 """Inference wire formats: request bodies in, response bodies out (spec §5).
 
-Pure Python + numpy + msgspec (no jax): the server, batch transform and tests share it.
+Pure Python + numpy, msgspec for requests, orjson for responses (no jax): the server, batch transform and tests share it.
 docs/inference.md shows every request and response shape and the error catalogue.
 
 API::
@@ -16,7 +16,6 @@ API::
     encode_response(mode, values, media_type) -> bytes
     encode_lines(mode, values) -> bytes  # JSON Lines, one record per row
     iter_lines(body, first_line=1) -> Iterator[(line_number, line_bytes)]
-    shortest_float64(values) -> float64 array that prints as shortest float32 decimals
 
 Record paths in errors: ``$.instances[3].in0[7]`` for application/json (index from 0,
 as msgspec reports them) and ``$[line 4].in0[7]`` for application/jsonlines (line
@@ -28,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import re
 from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
+import orjson
 
 from o2v_jax.data import Ragged
 
@@ -144,9 +143,11 @@ class EmbeddingsResponse(msgspec.Struct):
     predictions: list[Embeddings]
 
 
+# The structs above are the response schema (clients and tests decode with them);
+# encode_response writes the same shapes straight from float32 arrays with orjson.
 _RECORDS = {"scores": Scores, "embeddings": Embeddings}
-_RESPONSES = {"scores": ScoresResponse, "embeddings": EmbeddingsResponse}
-_ENCODER = msgspec.json.Encoder()
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_LINE = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
 # --- media types --------------------------------------------------------------------
@@ -520,76 +521,6 @@ def _range_error(token: int, side: int, vocab: int, path: str) -> WireError:
 # --- encoding -----------------------------------------------------------------------
 
 
-def _places(biased: int) -> int:
-    """Decimal places k enough for a float32 of this biased exponent: 10**-k <= its gap."""
-    return math.ceil(-(max(biased, 1) - 150) * math.log10(2))
-
-
-# _SCALE[j, b] = 10**(k - j), j in {0, 1}, for a float32 with biased exponent b and
-# k = _places(b); exact powers only. NaN elsewhere makes the round-trip check fail, so
-# those magnitudes (|x| >= 2**23, where k - 1 < 0, and |x| < ~1e-15) go to numpy.
-_SCALE = np.full((2, 256), np.nan)
-for _b in range(1, 255):
-    if 1 <= _places(_b) <= 22:
-        _SCALE[:, _b] = 10.0 ** _places(_b), 10.0 ** (_places(_b) - 1)
-_SCALE[0, 0] = 1.0  # +-0 (subnormals round to 0, fail the check and go to numpy)
-_CHUNK = 1 << 16  # elements per pass: keeps the temporaries in cache (2x faster at 256k)
-
-
-def shortest_float64(values: np.ndarray) -> np.ndarray:
-    """float32 values as the float64s that print as their shortest round-trip decimals.
-
-    For each float32 x this finds the shortest decimal d with float32(float(d)) == x
-    (what numpy's float32 ``str`` and ``np.format_float_positional(x, unique=True)``
-    print) and returns the double nearest d, which Python and msgspec print as d.
-
-    Vectorised in two passes. Let g be x's float32 gap and k the fewest decimal places
-    with 10**-k <= g. The nearest k-place decimal lies within g/2 of x, so it round-trips.
-    A decimal with fewer places round-trips only if it lies within g/2 < 10**-(k-1)/2 of
-    x, which makes it the nearest (k-1)-place decimal, whose digits (trailing zeros
-    dropped) are then the shortest. So: round to k-1 places, check; else k places, check.
-    What fails both checks (some exact powers of two, whose gap below is half the gap
-    above; |x| >= 2**23 or < ~1e-15; NaN; inf) takes numpy's own shortest string.
-
-    Args:
-        values: float32 array, any shape (other floats are cast to float32 first).
-
-    Returns:
-        float64 array of the same shape; NaN and inf pass through.
-    """
-    x = np.ascontiguousarray(values, dtype=np.float32)
-    flat = x.reshape(-1)
-    out = np.empty(flat.size, dtype=np.float64)
-    with np.errstate(invalid="ignore"):  # NaN * scale, NaN != NaN: handled below
-        for i in range(0, flat.size, _CHUNK):
-            out[i : i + _CHUNK] = _shortest(flat[i : i + _CHUNK])
-    return out.reshape(x.shape)
-
-
-def _shortest(x: np.ndarray) -> np.ndarray:
-    """float32 (n,) -> float64 (n,); see shortest_float64."""
-    biased = (x.view(np.uint32) >> 23) & 0xFF
-    v = x.astype(np.float64)
-
-    def rounded(j: int) -> np.ndarray:  # v at k - j places, as the double nearest that decimal
-        s = _SCALE[j].take(biased)
-        y = np.rint(v * s)
-        y /= s  # an exact power of ten: one correctly rounded division
-        return y
-
-    y = rounded(0)
-    fail = y.astype(np.float32) != x
-    y1 = rounded(1)
-    ok1 = y1.astype(np.float32) == x
-    np.copyto(y, y1, where=ok1)
-    fail &= ~ok1
-    if fail.any():
-        # numpy's float32 str is the shortest round-trip decimal (Dragon4); parsing it
-        # gives the double nearest that decimal.
-        y[fail] = x[fail].astype(str).astype(np.float64)
-    return y
-
-
 def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
     """Encode N rows of scores or embeddings as documented in docs/inference.md.
 
@@ -612,16 +543,17 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
     values = np.asarray(values)
     if values.ndim != 2:
         raise ValueError(f"values must be 2-D (N, K), got shape {values.shape}")
-    rows = shortest_float64(values)
-    bad = ~np.isfinite(rows)
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    bad = ~np.isfinite(x)
     if bad.any():
         log.warning("%d non-finite %s values (rows %s...) encoded as null", bad.sum(), mode,
                     np.flatnonzero(bad.any(axis=1))[:5].tolist())  # fmt: skip
-    record = _RECORDS[mode]
-    records = [record(r) for r in rows.tolist()]
+    # orjson writes float32 arrays in C with the shortest float32 digits (Ryu), NaN and
+    # inf as null; the rows are views, so no Python float is ever made.
+    records = [{mode: row} for row in x]
     if media == JSON:
-        return _ENCODER.encode(_RESPONSES[mode](records))
-    return _ENCODER.encode_lines(records)
+        return orjson.dumps({"predictions": records}, option=_NUMPY)
+    return b"".join([orjson.dumps(r, option=_LINE) for r in records])
 
 
 def encode_lines(mode: str, values: np.ndarray) -> bytes:
