@@ -14,10 +14,10 @@ RMSE per epoch, the best epoch and the seconds.
     python benchmarks/tune_movielens.py 3                      # one round
     python benchmarks/tune_movielens.py '{"enc_dim": 128}' ... # given trials (preset + overrides)
 
-Trials run one after another (the machine is shared); a trial is 10-50 s on 2 cores.
-The key "_seed" in a trial sets the seed (default 0).
-
-Trials run one after another (the machine is shared); keep them short.
+Trials run one after another (the machine is shared); a trial is 10-50 s on 2 cores
+(rating-bag layouts: 1-4 minutes). Keys starting with "_" pick the variant rather than a
+hyperparameter: "_seed" (default 0), and "_layout", "_id_repeat", "_keep", "_target",
+"_ensemble" (see `trial`).
 """
 
 from __future__ import annotations
@@ -96,6 +96,26 @@ ROUNDS: list[list[dict]] = [
     + [ADAGRAD | {"weight_decay": 0.004} | extra
        for extra in ({"mini_batch_size": 128}, {"mini_batch_size": 64, "learning_rate": 0.03},
                      {"learning_rate": 0.03, "epochs": 25})],
+    # 10. (second session) Beyond one id per side, on the preset: ratings as 5 softmax
+    # classes scored by their expected value; lazy row_sparse decay; a 4-seed average; and
+    # rating-profile bags (see `bags`), which carry what SVD++ and GC-MC add to a
+    # factorisation. 100-200 s per bag trial (16M tokens per epoch).
+    [{"_target": "softmax5", "weight_decay": wd} for wd in (0.001, 0.002, 0.003, 0.004, 0.008)]
+    + [{"_target": "softmax5", "weight_decay": 0.002, "epochs": 24},
+       {"_target": "softmax5", "weight_decay": 0.002} | D128]
+    + [{"token_embedding_storage_type": "row_sparse", "weight_decay": wd}
+       for wd in (0.004, 0.01, 0.02, 0.05)]
+    + [{"_ensemble": 4}]
+    + [{"_layout": "profile", "epochs": e, "weight_decay": wd} for e, wd in ((8, 0.004), (10, 0.001),
+                                                                            (10, 0.0002))]
+    + [{"_layout": "profile", "_keep": 0.25, "epochs": 12, "weight_decay": wd} for wd in (0.0002, 0.001)]
+    + [{"_layout": "profile-user", "epochs": 14, "weight_decay": 0.0002},
+       {"_layout": "profile-user", "epochs": 14, "weight_decay": 0.002,
+        "token_embedding_storage_type": "row_sparse"}]
+    + [{"_layout": "profile-user", "_id_repeat": "sqrt", "epochs": e, "weight_decay": wd,
+        "learning_rate": lr, "dropout": d}
+       for e, wd, lr, d in ((14, 0.0005, 0.05, 0.1), (14, 0.002, 0.05, 0.1), (16, 0.0005, 0.2, 0.1),
+                            (16, 0.0001, 0.1, 0.3))],
 ]
 
 
@@ -127,26 +147,128 @@ def tuning_split(cache_dir: Path | None = None) -> tuple[PairData, PairData]:
             pairs(r.user[tune_rows], r.item[tune_rows], r.rating[tune_rows], "ua.base-tune"))
 
 
+def bags(owner: np.ndarray, other: np.ndarray, rating: np.ndarray, q_owner: np.ndarray,
+         *, n_owner: int, exclude: bool, id_repeat: str) -> Ragged:
+    """Each query's owner as a bag: its id token(s), then one token per rating it gave or got.
+
+    For a user, ``[user, ..., (item, rating), ...]`` over the user's `fit` ratings; for an
+    item, ``[item, ..., (user, rating), ...]``. A (other, rating) pair is token
+    ``n_owner + 1 + (other - 1) * 5 + (rating - 1)``. With ``exclude`` the queries are the
+    fit rows themselves (``q_owner`` = ``owner``) and each drops its own rating from its
+    bag, so the label is never an input; otherwise a query sees all its owner's ratings. ``id_repeat="sqrt"`` repeats the id round(sqrt(n))
+    times: under mean pooling that weighs the id against the bag as SVD++ weighs
+    p_u against n^-1/2 sum(y_j), instead of 1/(n+1).
+    """
+    order = np.argsort(owner, kind="stable")
+    token = (n_owner + 1 + (other[order] - 1) * 5 + (rating[order].astype(np.int64) - 1))
+    counts = np.bincount(owner, minlength=n_owner + 1)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    n = counts[q_owner] - exclude
+    seg = np.repeat(np.arange(len(q_owner)), n)
+    within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    if exclude:  # skip the query's own position in its owner's run
+        pos = np.empty(len(owner), np.int64)
+        pos[order] = np.arange(len(owner)) - starts[owner[order]]
+        within += within >= pos[seg]
+    bag = token[starts[q_owner][seg] + within]
+    ids = np.maximum(1, np.rint(np.sqrt(n))).astype(np.int64) if id_repeat == "sqrt" else np.ones_like(n)
+    offsets = np.r_[0, np.cumsum(ids + n)].astype(np.int64)
+    is_id = np.arange(offsets[-1]) - np.repeat(offsets[:-1], ids + n) < np.repeat(ids, ids + n)
+    tokens = np.empty(offsets[-1], np.int32)
+    tokens[is_id] = np.repeat(q_owner, ids)
+    tokens[~is_id] = bag
+    return Ragged(tokens, offsets)
+
+
+def thin(data: Ragged, keep: float, rng: np.random.Generator, n_owner: int) -> Ragged:
+    """Keep each bag token (not the ids) with probability ``keep``: fixed per record."""
+    m = (rng.random(data.tokens.size) < keep) | (data.tokens <= n_owner)
+    ends = np.r_[0, np.cumsum(m)]
+    return Ragged(data.tokens[m], ends[data.offsets].astype(np.int64))
+
+
+def layout(fit: PairData, tune: PairData, kind: str, id_repeat: str, keep: float
+           ) -> tuple[PairData, PairData, dict]:
+    """(fit, tune, hyperparameter overrides) for the `_layout` trial key."""
+    user, item, rating = fit.in0.tokens, fit.in1.tokens, fit.labels
+    sides = {"profile": (True, True), "profile-user": (True, False)}[kind]
+    out, hp = [], {}
+    for exclude in (True, False):
+        q_user, q_item = (user, item) if exclude else (tune.in0.tokens, tune.in1.tokens)
+        sides_data = []
+        for side, (on, owner, other, n_owner, n_other, q_own) in enumerate((
+                (sides[0], user, item, N_USERS, N_ITEMS, q_user),
+                (sides[1], item, user, N_ITEMS, N_USERS, q_item))):
+            if not on:
+                sides_data.append(Ragged(q_own.astype(np.int32), np.arange(len(q_own) + 1, dtype=np.int64)))
+                continue
+            r = bags(owner, other, rating, q_own, n_owner=n_owner, exclude=exclude, id_repeat=id_repeat)
+            if exclude and keep < 1:
+                r = thin(r, keep, np.random.default_rng(side), n_owner)
+            sides_data.append(r)
+            hp |= {f"enc{side}_vocab_size": n_owner + 1 + n_other * 5, f"enc{side}_max_seq_len": 1000}
+        data = fit if exclude else tune
+        out.append(PairData(sides_data[0], sides_data[1], data.labels, data.source))
+    return out[0], out[1], hp
+
+
+N_USERS, N_ITEMS = 943, 1682
+
+
 def trial(overrides: dict, fit: PairData, tune: PairData, seed: int = 0) -> dict:
-    from o2v_jax.demo import preset_hyperparameters
+    """One trial: the preset with ``overrides``; keys starting with _ select the variant.
+
+    ``_layout``: "ids" (the notebook's records), "profile" (both sides as rating bags,
+    see :func:`bags`) or "profile-user" (in0 only); ``_id_repeat``: "one" or "sqrt";
+    ``_keep``: thin each fit bag once to this fraction; ``_target``: "regression" or
+    "softmax5" (rating - 1 as 5 classes, scored by the expected rating, last epoch);
+    ``_ensemble``: average the last-epoch predictions of seeds 0..n-1.
+    """
+    from o2v_jax import load
     from o2v_jax.config import from_hyperparameters
+    from o2v_jax.demo import preset_hyperparameters
     from o2v_jax.train import train
 
-    hp = preset_hyperparameters() | {k: str(v) for k, v in overrides.items()}
+    special = {k: overrides[k] for k in overrides if k.startswith("_")}
+    hp = preset_hyperparameters() | {k: str(v) for k, v in overrides.items() if k not in special}
     # Patience 5 at its max and the tolerance at its min: the curve runs to `epochs`
     # unless it has clearly turned; the kept model is irrelevant here.
     hp |= {"early_stopping_patience": "5", "early_stopping_tolerance": "1e-6"}
+    if special.get("_layout", "ids") != "ids":
+        fit, tune, extra = layout(fit, tune, special["_layout"], special.get("_id_repeat", "one"),
+                                  special.get("_keep", 1.0))
+        hp |= {k: str(v) for k, v in extra.items()}
+    softmax = special.get("_target") == "softmax5"
+    if softmax:
+        hp |= {"output_layer": "softmax", "num_classes": "5"}
+        fit = PairData(fit.in0, fit.in1, fit.labels - 1, fit.source)
     config = from_hyperparameters(hp)
-    with tempfile.TemporaryDirectory(prefix="o2v-tune-") as tmp:
-        t0 = time.perf_counter()
-        result = train(config, fit, validation=tune, model_dir=tmp, seed=seed,
-                       emit=lambda line: None, progress=False)
-        seconds = time.perf_counter() - t0
-    rmse = [round(float(np.sqrt(h["validation_mean_squared_error"])), 4) for h in result.history]
-    train_rmse = [round(float(np.sqrt(h["train_mean_squared_error"])), 4) for h in result.history]
-    best = int(np.argmin(rmse))
-    return {"overrides": overrides, "seed": seed, "best_epoch": best, "best_tune_rmse": rmse[best],
-            "tune_rmse": rmse, "train_rmse": train_rmse, "seconds": round(seconds, 1)}
+    seeds = range(special["_ensemble"]) if "_ensemble" in special else [seed]
+    t0 = time.perf_counter()
+    result, scores = None, []
+    for s in seeds:
+        with tempfile.TemporaryDirectory(prefix="o2v-tune-") as tmp:
+            curve = not softmax and "_ensemble" not in special
+            result = train(config, fit, validation=tune if curve else None, model_dir=tmp, seed=s,
+                           emit=lambda line: None, progress=False)
+            if not curve:  # no validation channel: the last epoch's model was saved
+                p = load(tmp).predict(tune.in0, tune.in1)
+                scores.append(p @ np.arange(1, 6, dtype=np.float32) if softmax else p[:, 0])
+    seconds = time.perf_counter() - t0
+    out = {"overrides": overrides, "seed": seed}
+    if scores:
+        mean = np.mean(scores, axis=0)
+        single = [round(float(np.sqrt(np.mean((p - tune.labels) ** 2))), 4) for p in scores]
+        out |= {"last_epoch_tune_rmse": round(float(np.sqrt(np.mean((mean - tune.labels) ** 2))), 4),
+                "per_seed": single}
+    else:
+        rmse = [round(float(np.sqrt(h["validation_mean_squared_error"])), 4) for h in result.history]
+        best = int(np.argmin(rmse))
+        out |= {"best_epoch": best, "best_tune_rmse": rmse[best], "tune_rmse": rmse}
+    train_rmse = [h.get("train_mean_squared_error") for h in result.history]
+    if not softmax:
+        out["train_rmse"] = [round(float(np.sqrt(m)), 4) for m in train_rmse]
+    return out | {"seconds": round(seconds, 1)}
 
 
 def main(argv: list[str]) -> int:
