@@ -114,7 +114,7 @@ class PooledEmbedding(nnx.Module):
 _BAG_UNROLL = 8
 
 
-def _bag_counts(tokens: jax.Array, dtype) -> jax.Array:
+def bag_counts(tokens: jax.Array, dtype) -> jax.Array:
     """(B, 1) real-token counts with empty rows counted as 1 (their mean is 0, not nan)."""
     n = jnp.sum(tokens != 0, axis=1, keepdims=True).astype(dtype)
     return n + (n == 0)
@@ -153,7 +153,7 @@ def embedding_bag_mean(table: jax.Array, tokens: jax.Array) -> jax.Array:
     Returns:
       float32 (B, D); all-padding rows give 0.
     """
-    return _bag_sum(table, tokens) / _bag_counts(tokens, table.dtype)
+    return _bag_sum(table, tokens) / bag_counts(tokens, table.dtype)
 
 
 def embedding_bag_mean_grad(num_rows: int, parts) -> jax.Array:
@@ -172,7 +172,7 @@ def embedding_bag_mean_grad(num_rows: int, parts) -> jax.Array:
     """
     acc = jnp.zeros((num_rows, parts[0][1].shape[1]), parts[0][1].dtype)
     for tokens, g in parts:
-        gn = g / _bag_counts(tokens, g.dtype)  # (B, D): what each real token of a row gets
+        gn = g / bag_counts(tokens, g.dtype)  # (B, D): what each real token of a row gets
 
         def add(pos, acc, tokens=tokens, gn=gn):
             col = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)

@@ -9,6 +9,7 @@ compiled once per bucket shape) -> per-epoch metrics -> early stopping -> best p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -25,7 +26,7 @@ from . import checkpoint
 from .buckets import batches
 from .config import Config
 from .data import PairData, Pretrained, negative_sample
-from .encoders import dropout, embedding_bag_mean, embedding_bag_mean_grad
+from .encoders import bag_counts, dropout, embedding_bag_mean, embedding_bag_mean_grad
 from .model import Object2Vec, abstract_model, merge_params, nnx_rngs, split_params
 
 log = logging.getLogger("o2v_jax")
@@ -118,6 +119,11 @@ class Steps:
 # gradient (a few x 256 x D floats) stay in cache between their gather, the optax math
 # and their scatter; 128 rows was ~10% slower, 512 no faster (benchmarks/RESULTS.md).
 ROW_CHUNK = 256
+# Below this many tokens a step, a table's gradient is a plain (cap, D) scatter-add buffer:
+# gradient_plan's fixed costs (~0.1 ms of numpy, a (ROW_CHUNK, S) matmul) outweigh its gain
+# on small batches. Measured: equal at 4,096 tokens; MovieLens (B 256, one token a side)
+# 30% slower with the plan; Wikipedia (B 512, lengths 32 + 50) 25% faster.
+PLAN_MIN_TOKENS = 4096
 
 
 def row_cap(rows: int, limit: int) -> int:
@@ -135,22 +141,122 @@ def row_cap(rows: int, limit: int) -> int:
     return -(-cap // ROW_CHUNK) * ROW_CHUNK
 
 
-class _RowRemap:
-    """The lazy row_sparse train step: distinct ids found on the host, then the jitted step.
+@functools.lru_cache(maxsize=64)
+def _token_sources(shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """int32 (T,): for bags of these (B, L_i) shapes flattened in (bag, position, batch
+    row) order, each token's source ``bag * B + batch row`` (its row of the stacked
+    per-row gradients)."""
+    return np.concatenate([np.tile(np.arange(rows, dtype=np.int32) + i * rows, length)
+                           for i, (rows, length) in enumerate(shapes)])
 
-    For each token table, the distinct ids of the batch (row 0, padding, always first)
-    are found with a vocabulary-sized mark array (O(V + B*L), no sort), padded with the
-    out-of-range id V to :func:`row_cap` of their count, and in0/in1 are also given as
-    positions in that list. Doing this on the host keeps the sort out of the compiled
-    step and lets the gradient buffer and the optimizer loop scale with the ids a batch
-    really has (Zipf text: ~0.35 B*L) instead of B*L. The price: a bucket shape compiles
-    once per row_cap size its batches reach (two or three on Zipf text).
+
+def gradient_plan(bags: list[np.ndarray], vocab: int) -> tuple[np.ndarray, ...]:
+    """A pooled table's rows for one batch, and how to sum their gradient without scatters.
+
+    Row ``r``'s gradient is the sum of ``per_token[src]`` over the real tokens of id r in
+    the batch, ``src`` = the bag and batch row the token is in (``per_token`` is that
+    row's gradient divided by its token count). On CPU, XLA's scatter-add is a serial
+    loop ~3x slower than a gather of the same rows, and a (cap, D) buffer for it must be
+    zeroed, filled and read back from memory; so the sums are formed in cache from gathers
+    and one matmul instead. The rows are ordered by token count, most frequent first, and:
+
+    * chunk 0 (the ROW_CHUNK most frequent rows: ~half the tokens of Zipf text, up to
+      thousands per row) is ``hot @ per_token``, ``hot`` = token counts per (row, src);
+    * every later chunk is a sum of gathers, one per *level*: level k holds, for each
+      row of the chunk, the ``src`` of its k-th token (or a zero row). A chunk needs as
+      many levels as its first row has tokens, which by the ordering is at most the
+      smallest count in the chunk before it, so all chunks need at most T / ROW_CHUNK
+      levels (T = the bags' B * L). Each row's tokens are summed in token order.
+
+    Args:
+      bags: the ids reading this table, int32 (B, L_i) each (in0, then in1 when tied).
+      vocab: V, the table's row count.
+
+    Returns:
+      ``rows`` int32 (cap,): the distinct ids, padding row 0 included (last; its
+      gradient is 0), padded with V to :func:`row_cap`; ``count`` int32 (): how many are
+      real; ``hot`` float32 (ROW_CHUNK, S): chunk 0's token counts, S = len(bags) * B;
+      ``levels`` int32 (T // ROW_CHUNK + 2, ROW_CHUNK): rows of ``per_token`` extended
+      as (S + 1 + ROW_CHUNK, D) = [per_token; 0; hot @ per_token] (so chunk 0 is the one
+      level S + 1 + arange(ROW_CHUNK) and a missing token reads row S, zero);
+      ``level_starts`` int32 (cap / ROW_CHUNK + 1,): chunk c's levels are
+      ``levels[level_starts[c]:level_starts[c + 1]]``.
+    """
+    sources = len(bags) * bags[0].shape[0]
+    flat = np.concatenate([a.T.ravel() for a in bags])  # ids, (bag, position, batch row) order
+    occ = np.flatnonzero(flat)  # real tokens; padding (id 0) gets no gradient
+    # One sort of unique int64 keys (numpy's SIMD sort; a stable argsort is ~10x slower):
+    # the tokens by id, each id's tokens in token order.
+    shift = max(int(flat.size).bit_length(), 1)
+    keys = np.sort((flat[occ].astype(np.int64) << shift) | occ)
+    ids = keys >> shift
+    starts = np.flatnonzero(np.diff(ids, prepend=-1))  # each distinct id's first token
+    counts = np.diff(starts, append=ids.size)
+    # Distinct ids by count, most frequent first, ties by id (again one unique-key sort).
+    s2 = max(int(starts.size).bit_length(), 1)
+    order = np.sort(((counts.max(initial=0) - counts).astype(np.int64) << s2)
+                    | np.arange(starts.size)) & ((1 << s2) - 1)
+    rows = np.append(ids[starts[order]], 0).astype(np.int32)  # + padding row 0
+    n = rows.size
+    cap = row_cap(n, min(vocab, flat.size + 1))
+    row_counts = counts[order]
+    first = np.concatenate([[0], np.cumsum(row_counts)])  # row position -> its first token
+    pos = np.repeat(np.arange(order.size), row_counts)  # each token's row position
+    rank = np.arange(ids.size) - first[pos]  # k: the token is its row's k-th
+    src = _token_sources(tuple(a.shape for a in bags))[
+        keys[starts[order][pos] + rank] & ((1 << shift) - 1)]
+    n_hot = first[min(ROW_CHUNK, order.size)]  # tokens of chunk 0
+    hot = np.bincount(pos[:n_hot] * sources + src[:n_hot], minlength=ROW_CHUNK * sources)
+    hot = hot.astype(np.float32).reshape(ROW_CHUNK, sources)
+    per_chunk = np.zeros(cap // ROW_CHUNK, np.int64)
+    per_chunk[:-(-n // ROW_CHUNK)] = 1  # chunk 0 (hot), and a chunk of row 0 alone (zeros)
+    firsts = row_counts[ROW_CHUNK::ROW_CHUNK]  # first (most frequent) row of chunks 1, 2, ...
+    per_chunk[1:1 + firsts.size] = firsts
+    level_starts = np.concatenate([[0], np.cumsum(per_chunk)]).astype(np.int32)
+    levels = np.full((flat.size // ROW_CHUNK + 2, ROW_CHUNK), sources, np.int32)
+    levels[0] = sources + 1 + np.arange(ROW_CHUNK)
+    p = pos[n_hot:]
+    levels[level_starts[p // ROW_CHUNK] + rank[n_hot:], p % ROW_CHUNK] = src[n_hot:]
+    padded = np.full(cap, vocab, np.int32)
+    padded[:n] = rows
+    return padded, np.int32(n), hot, levels, level_starts
+
+
+def chunk_gradient(per_token: jax.Array, levels: jax.Array, level_starts: jax.Array,
+                   chunk: jax.Array) -> jax.Array:
+    """The gradient of chunk ``chunk``'s rows of a :func:`gradient_plan`: the sum of one
+    ROW_CHUNK-row gather of the extended ``per_token`` (S + 1 + ROW_CHUNK, D) per level
+    of the chunk. float32 (ROW_CHUNK, D), formed in cache inside the optimizer loop."""
+    lo, hi = level_starts[chunk], level_starts[chunk + 1]
+
+    def add(level, acc):
+        return acc + per_token.at[levels[level]].get(mode="promise_in_bounds")
+
+    # Every chunk that runs has at least one level, so the first gather starts the sum.
+    first = per_token.at[levels[lo]].get(mode="promise_in_bounds")
+    return jax.lax.fori_loop(lo + 1, hi, add, first)
+
+
+class _RowRemap:
+    """The lazy row_sparse train step: each table's rows found on the host, then the jitted step.
+
+    For each token table, the distinct ids the batch reads (plus row 0, padding) are
+    found on the host and padded with the out-of-range id V to :func:`row_cap` of their
+    count. A table read by pooled encoders with at least PLAN_MIN_TOKENS tokens a step
+    gets a :func:`gradient_plan` (rows by frequency, and how to sum their gradient);
+    other tables get the ids sorted, row 0 first, found with a vocabulary-sized mark
+    array (O(V + B*L), no sort), and in0/in1 as positions in that list. Doing this on
+    the host keeps sorts out of the compiled step and lets the optimizer loop scale with
+    the ids a batch really has (Zipf text: ~0.35 B*L) instead of B*L. The price: a
+    bucket shape compiles once per row_cap size its batches reach (two or three on Zipf
+    text).
     """
 
-    def __init__(self, config: Config, step: Callable):
+    def __init__(self, config: Config, step: Callable, pooled: bool):
         self.step = step
         self.tied = config.tied_token_embedding_weight
         self.vocab = (config.enc0.vocab_size, config.enc1.vocab_size)
+        self.pooled = pooled
 
     def _cache_size(self) -> int:
         return self.step._cache_size()
@@ -173,14 +279,15 @@ class _RowRemap:
 
     def __call__(self, params, opt_state, in0, in1, labels, weights, key):
         in0, in1 = np.asarray(in0), np.asarray(in1)
-        if self.tied:
-            r, n, (in0s, in1s) = self._rows([in0, in1], 0)
-            rows, counts = {"embed0": r}, {"embed0": n}
-        else:
-            r0, n0, (in0s,) = self._rows([in0], 0)
-            r1, n1, (in1s,) = self._rows([in1], 1)
-            rows, counts = {"embed0": r0, "embed1": r1}, {"embed0": n0, "embed1": n1}
-        return self.step(params, opt_state, rows, counts, in0, in1, in0s, in1s, labels,
+        tables = ({"embed0": ([in0, in1], 0)} if self.tied
+                  else {"embed0": ([in0], 0), "embed1": ([in1], 1)})
+        rows, counts, plans, remapped = {}, {}, {}, {}
+        for name, (bags, side) in tables.items():
+            if self.pooled and sum(b.size for b in bags) >= PLAN_MIN_TOKENS:
+                rows[name], counts[name], *plans[name] = gradient_plan(bags, self.vocab[side])
+            else:
+                rows[name], counts[name], remapped[name] = self._rows(bags, side)
+        return self.step(params, opt_state, rows, counts, plans, remapped, in0, in1, labels,
                          weights, key)
 
 
@@ -224,39 +331,55 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
     def pooled_loss_fn(rest, u, v, tables, labels, weights, key):
         # The model from its encodings on: model.encode's output dropout (sites 0 and 1,
         # model.py) then model.head. Differentiating w.r.t. the pooled vectors (B, D)
-        # instead of the gathered table lets the table gradient be one accumulation over
-        # both sides (encoders.embedding_bag_mean_grad) rather than one (U, D) buffer per
-        # side plus their sum. tests/test_train.py checks this equals the dense step.
+        # instead of the gathered table lets the table gradient be summed from (B, D)
+        # per-row gradients of both sides at once rather than from one (U, D) buffer per
+        # side. tests/test_train.py checks this equals the dense step.
         model = merge_params(graphdef, _join_tables(rest, tables))  # tables: unused
         site = (lambda i: None) if key is None else (lambda i: jax.random.fold_in(key, i))
         u, v = dropout(u, config.dropout, site(0)), dropout(v, config.dropout, site(1))
         output, _ = model.head(u, v, dropout_key=key)
         return objective(output, labels, weights, regression)
 
-    def sparse_grads(rest, tables, rows, in0, in1, in0s, in1s, labels, weights, key):
-        """(sums, grads of rest, per table the gradient of its rows ``rows``: (cap, D))."""
+    def sparse_grads(rest, tables, rows, plans, remapped, in0, in1, labels, weights, key):
+        """(sums, grads of rest, per table: chunk -> its rows' gradient, (ROW_CHUNK, D))."""
+        def sliced(g):  # chunks of a (cap, D) gradient buffer
+            return lambda c: jax.lax.dynamic_slice_in_dim(g, c * ROW_CHUNK, ROW_CHUNK)
+
         if not pooled:  # through the model, on gathered tables and remapped ids
+            in0s, in1s = remapped["embed0"] if tied else (*remapped["embed0"], *remapped["embed1"])
             sub = {name: t.at[rows[name]].get(mode="clip") for name, t in tables.items()}
             (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 _join_tables(rest, sub), in0s, in1s, labels, weights, key)
-            return (sums, *_split_tables(grads))
-        # Pooled encoders read the full tables by id (no gathered copy); the table
-        # gradient is accumulated from the (B, D) encoding gradients at remapped ids.
+            g_rest, g_sub = _split_tables(grads)
+            return sums, g_rest, {name: sliced(g) for name, g in g_sub.items()}
+        # Pooled encoders read the full tables by id (no gathered copy). Each real token
+        # of batch row b adds g[b] / count[b] to its table row. With a gradient_plan
+        # those sums are formed per chunk inside the optimizer loop (no (cap, D) buffer
+        # is zeroed, scattered into and read back); else they are scatter-added into one.
         t0 = tables["embed0"]
         t1 = t0 if tied else tables["embed1"]
         u, v = embedding_bag_mean(t0, in0), embedding_bag_mean(t1, in1)
         (_, sums), (g_rest, g_u, g_v) = jax.value_and_grad(pooled_loss_fn, argnums=(0, 1, 2), has_aux=True)(
             rest, u, v, tables, labels, weights, key)
-        if tied:
-            parts = {"embed0": [(in0s, g_u), (in1s, g_v)]}
-        else:
-            parts = {"embed0": [(in0s, g_u)], "embed1": [(in1s, g_v)]}
-        g_tables = {name: embedding_bag_mean_grad(rows[name].shape[0], p)
-                    for name, p in parts.items()}
-        return sums, g_rest, g_tables
+        per_bag = ({"embed0": [(in0, g_u), (in1, g_v)]} if tied
+                   else {"embed0": [(in0, g_u)], "embed1": [(in1, g_v)]})
+        grads = {}
+        for name, parts in per_bag.items():
+            if name not in plans:  # a small batch: its ids remapped to positions in `rows`
+                grads[name] = sliced(embedding_bag_mean_grad(
+                    rows[name].shape[0], [(ids, g) for ids, (_, g) in zip(remapped[name], parts)]))
+                continue
+            hot, levels, level_starts = plans[name]
+            per = jnp.concatenate([g / bag_counts(ids, g.dtype) for ids, g in parts])  # (S, D)
+            per = jnp.concatenate([per, jnp.zeros_like(per[:1]), hot @ per])  # see gradient_plan
+            grads[name] = (lambda c, per=per, levels=levels, level_starts=level_starts:
+                           chunk_gradient(per, levels, level_starts, c))
+        return sums, g_rest, grads
 
-    def lazy_update(name, table, state, rows, count, grad):
+    def lazy_update(name, table, state, rows, count, chunk_grad):
         """The optax update of only the rows ``rows[:count]`` of a table and its state.
+
+        ``chunk_grad(i)`` gives the gradient of rows ``rows[i * ROW_CHUNK:][:ROW_CHUNK]``.
 
         A loop over ROW_CHUNK-row chunks: gather the chunk's parameters and optimizer
         state, run ``tx.update`` on them, scatter both back. Chunks keep the work in
@@ -271,7 +394,7 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         def body(i, carry):
             table, state = carry
             idx = jax.lax.dynamic_slice_in_dim(rows, i * ROW_CHUNK, ROW_CHUNK)
-            g = jax.lax.dynamic_slice_in_dim(grad, i * ROW_CHUNK, ROW_CHUNK)
+            g = chunk_grad(i)
             p = table.at[idx].get(mode="clip")
             st = jax.tree.map(lambda x: x.at[idx].get(mode="clip") if per_row(x) else x, state)
             up, st = tx.update(g, st, p)
@@ -287,15 +410,17 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         table, new_state = jax.lax.fori_loop(0, chunks, body, (table, state))
         # The scalar leaves as one update of no rows computes them (e.g. count + 1).
         empty = lambda x: x[:0] if per_row(x) else x  # noqa: E731
-        _, scalars = tx.update(grad[:0], jax.tree.map(empty, state), table[:0])
+        _, scalars = tx.update(table[:0], jax.tree.map(empty, state), table[:0])
         return table, jax.tree.map(lambda full, s: full if per_row(full) else s, new_state, scalars)
 
-    def sparse_step(params, opt_state, rows, counts, in0, in1, in0s, in1s, labels, weights, key):
+    def sparse_step(params, opt_state, rows, counts, plans, remapped, in0, in1, labels, weights,
+                    key):
         # Lazy row-wise updates (MXNet's row_sparse + lazy_update): only the rows this
         # batch reads, and their optimizer state, are updated; the rest never change.
-        # `rows`, `counts` and the remapped in0s/in1s come from the host (`_RowRemap`).
+        # `rows`, `counts` and per table a gradient plan or the ids remapped to
+        # positions in `rows` come from the host (`_RowRemap`).
         rest, tables = _split_tables(params)
-        sums, g_rest, g_tables = sparse_grads(rest, tables, rows, in0, in1, in0s, in1s,
+        sums, g_rest, g_tables = sparse_grads(rest, tables, rows, plans, remapped, in0, in1,
                                               labels, weights, key)
         up_rest, st_rest = tx.update(g_rest, opt_state["rest"], rest)
         new_tables, st_tables = {}, {}
@@ -309,7 +434,7 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         return loss_fn(params, in0, in1, labels, weights, None)[1]
 
     if config.row_sparse:
-        train_step = _RowRemap(config, jax.jit(sparse_step, donate_argnums=(0, 1)))
+        train_step = _RowRemap(config, jax.jit(sparse_step, donate_argnums=(0, 1)), pooled)
     else:
         train_step = jax.jit(dense_step, donate_argnums=(0, 1))
     return Steps(
