@@ -115,7 +115,7 @@ ROUNDS: list[list[dict]] = [
     + [{"_layout": "profile-user", "_id_repeat": "sqrt", "epochs": e, "weight_decay": wd,
         "learning_rate": lr, "dropout": d}
        for e, wd, lr, d in ((14, 0.0005, 0.05, 0.1), (14, 0.002, 0.05, 0.1), (16, 0.0005, 0.2, 0.1),
-                            (16, 0.0001, 0.1, 0.3))],
+                            (16, 0.0001, 0.1, 0.3), (30, 0.0005, 0.05, 0.1))],
 ]
 
 
