@@ -132,6 +132,15 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def notebook_row(model: str, run: dict, value: str, how: str) -> str:
+    """A table row for a run with the notebook's hyperparameters (early stopping on ua.test)."""
+    cap = "" if run["epochs_cap"] == 20 else f" (epochs capped at {run['epochs_cap']} on CPU)"
+    stopped = ", stopped early" if run["stopped_early"] else ""
+    return (f"| {model}{cap} | {value} | {how}; kept epoch {run['best_epoch']} of epochs "
+            f"0–{run['epochs_run'] - 1}{stopped} | {run['seconds']:.0f} s "
+            f"({run['seconds_per_epoch']:.1f} s/epoch) |")
+
+
 def report(r: dict) -> str:
     """The RESULTS.md block."""
     lines = [BEGIN, "",
@@ -153,13 +162,9 @@ def report(r: dict) -> str:
                      f"| same, mean ± std | — |")
     nb = r.get("notebook_regression")
     if nb:
-        cap = "" if nb["epochs_cap"] == 20 else f" (epochs capped at {nb['epochs_cap']} on CPU)"
-        lines.append(
-            f"| notebook hyperparameters{cap} | {fmt(nb['rmse'])} (MSE {nb['rmse'] ** 2:.3f}) | "
-            f"early stopping on ua.test as the notebook does; kept epoch {nb['best_epoch']} "
-            f"of epochs 0–{nb['epochs_run'] - 1}"
-            f"{', stopped early' if nb['stopped_early'] else ''} | {nb['seconds']:.0f} s "
-            f"({nb['seconds_per_epoch']:.1f} s/epoch) |")
+        lines.append(notebook_row("notebook hyperparameters", nb,
+                                  f"{fmt(nb['rmse'])} (MSE {nb['rmse'] ** 2:.3f})",
+                                  "early stopping on ua.test as the notebook does"))
     lines.append(f"| SageMaker notebook (published) | ≈ {np.sqrt(NOTEBOOK_MSE):.3f} | MSE ≈ 0.91 "
                  f"on ua.test, ml.p2.xlarge | — |")
     lines.append("| scikit-surprise SVD / SVD++ (reference, not rerun) | 0.952–0.954 / 0.938 | "
@@ -174,12 +179,8 @@ def report(r: dict) -> str:
                      f"{pb['epochs_run']} epochs, no validation channel | {pb['seconds']:.0f} s |")
     nc = r.get("notebook_classification")
     if nc:
-        cap = "" if nc["epochs_cap"] == 20 else f" (epochs capped at {nc['epochs_cap']} on CPU)"
-        lines.append(
-            f"| notebook classification hyperparameters{cap} | {fmt(nc['accuracy'])} | early "
-            f"stopping on ua.test; kept epoch {nc['best_epoch']} of epochs 0–{nc['epochs_run'] - 1}"
-            f"{', stopped early' if nc['stopped_early'] else ''} | {nc['seconds']:.0f} s "
-            f"({nc['seconds_per_epoch']:.1f} s/epoch) |")
+        lines.append(notebook_row("notebook classification hyperparameters", nc,
+                                  fmt(nc["accuracy"]), "early stopping on ua.test"))
     lines.append(f"| SageMaker notebook (published) | ≈ {NOTEBOOK_ACCURACY} | | — |")
     lines += ["", "Epochs are numbered from 0, as in the metric lines.", "", END]
     return "\n".join(lines)

@@ -244,30 +244,33 @@ def trial(overrides: dict, fit: PairData, tune: PairData, seed: int = 0) -> dict
         fit = PairData(fit.in0, fit.in1, fit.labels - 1, fit.source)
     config = from_hyperparameters(hp)
     seeds = range(special["_ensemble"]) if "_ensemble" in special else [seed]
+    # A per-epoch tune curve only for single regression runs; otherwise no validation
+    # channel, so the last epoch's model is saved and scored here.
+    curve = not softmax and "_ensemble" not in special
     t0 = time.perf_counter()
     result, scores = None, []
     for s in seeds:
         with tempfile.TemporaryDirectory(prefix="o2v-tune-") as tmp:
-            curve = not softmax and "_ensemble" not in special
             result = train(config, fit, validation=tune if curve else None, model_dir=tmp, seed=s,
                            emit=lambda line: None, progress=False)
-            if not curve:  # no validation channel: the last epoch's model was saved
+            if not curve:
                 p = load(tmp).predict(tune.in0, tune.in1)
                 scores.append(p @ np.arange(1, 6, dtype=np.float32) if softmax else p[:, 0])
     seconds = time.perf_counter() - t0
+
+    def rmse(mse) -> float:
+        return round(float(np.sqrt(mse)), 4)
+
     out = {"overrides": overrides, "seed": seed}
-    if scores:
-        mean = np.mean(scores, axis=0)
-        single = [round(float(np.sqrt(np.mean((p - tune.labels) ** 2))), 4) for p in scores]
-        out |= {"last_epoch_tune_rmse": round(float(np.sqrt(np.mean((mean - tune.labels) ** 2))), 4),
-                "per_seed": single}
+    if curve:
+        curve_rmse = [rmse(h["validation_mean_squared_error"]) for h in result.history]
+        best = int(np.argmin(curve_rmse))
+        out |= {"best_epoch": best, "best_tune_rmse": curve_rmse[best], "tune_rmse": curve_rmse}
     else:
-        rmse = [round(float(np.sqrt(h["validation_mean_squared_error"])), 4) for h in result.history]
-        best = int(np.argmin(rmse))
-        out |= {"best_epoch": best, "best_tune_rmse": rmse[best], "tune_rmse": rmse}
-    train_rmse = [h.get("train_mean_squared_error") for h in result.history]
-    if not softmax:
-        out["train_rmse"] = [round(float(np.sqrt(m)), 4) for m in train_rmse]
+        out |= {"last_epoch_tune_rmse": rmse(np.mean((np.mean(scores, axis=0) - tune.labels) ** 2)),
+                "per_seed": [rmse(np.mean((p - tune.labels) ** 2)) for p in scores]}
+    if not softmax:  # a softmax run's train loss is cross-entropy, not MSE
+        out["train_rmse"] = [rmse(h["train_mean_squared_error"]) for h in result.history]
     return out | {"seconds": round(seconds, 1)}
 
 

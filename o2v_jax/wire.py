@@ -1,6 +1,7 @@
 """Inference wire formats: request bodies in, response bodies out (spec §5).
 
-Pure Python + numpy, msgspec for requests, orjson for responses (no jax): the server, batch transform and tests share it.
+Pure Python + numpy, msgspec for requests and orjson for responses (no jax): the server,
+batch transform and tests share it.
 docs/inference.md shows every request and response shape and the error catalogue.
 
 API::
