@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +23,7 @@ from o2v_jax.config import Config
 from o2v_jax.data import PairData, Ragged
 
 DEFAULT_LADDER_START = 8  # bucket_width=0: powers of two from here, then max_seq_len
+T = TypeVar("T")
 
 
 def length_ladder(max_seq_len: int, bucket_width: int) -> tuple[int, ...]:
@@ -145,3 +150,52 @@ def _make_batch(data: PairData, idx: np.ndarray, len0: int, len1: int, size: int
     weights[:idx.size] = 1.0
     return Batch(_padded(data.in0, idx, len0, size), _padded(data.in1, idx, len1, size),
                  labels, weights)
+
+
+def prefetch(items: Iterable[T], depth: int = 2,
+             transform: Callable[[T], Any] | None = None) -> Iterator[Any]:
+    """Yield ``items`` (each through ``transform``) as they come, made by a worker thread.
+
+    The next ``depth`` items are built while the caller works on the current one: host
+    batching overlaps the dispatch of jitted steps (numpy and JAX's dispatch release the
+    GIL for most of their work). Same items, same order; an exception in the worker is
+    raised here, at the item where it happened. Closing the generator early (``break``,
+    an exception in the caller) stops the worker.
+    """
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((transform(item) if transform else item, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((None, e))
+            return
+        put((done, None))
+
+    worker = threading.Thread(target=work, name="o2v-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        if not sys.is_finalizing():  # a generator collected at exit: threading is half gone
+            worker.join(timeout=5)

@@ -109,9 +109,23 @@ class PooledEmbedding(nnx.Module):
         return embedding_bag_mean(table, tokens)
 
 
-# Positions per unrolled step of the bag loops: enough straight-line gathers for the CPU
-# to overlap their loads, few enough to keep compile time flat in L.
+# Positions per unrolled step of the bag loops on CPU: enough straight-line gathers for
+# the CPU to overlap their loads, few enough to keep compile time flat in L.
 _BAG_UNROLL = 8
+
+# Which code shape the hot loops take: "cpu" or "accelerator"; None = from
+# jax.default_backend() at trace time. On an accelerator every loop iteration is a kernel
+# launch plus a host round trip (~11 us each on an H200, benchmarks/RESULTS.md), so loops
+# are unrolled or replaced by one scatter there; on CPU they keep the working set in
+# cache. Tests set it to run the accelerator code on CPU.
+LAYOUT: str | None = None
+
+
+def layout() -> str:
+    """``"cpu"`` or ``"accelerator"``: the code shape the bag ops and train steps use."""
+    if LAYOUT is not None:
+        return LAYOUT
+    return "cpu" if jax.default_backend() == "cpu" else "accelerator"
 
 
 def bag_counts(tokens: jax.Array, dtype) -> jax.Array:
@@ -126,6 +140,9 @@ def _bag_sum(table: jax.Array, tokens: jax.Array) -> jax.Array:
     Accumulating position by position keeps the working set at (B, D), which stays in
     cache; gathering (B, L, D) first and reducing it afterwards writes and re-reads
     B * L * D floats from memory: Predictor.embed was ~3-4x slower (benchmarks/RESULTS.md).
+    On an accelerator the loop is unrolled completely (one fused kernel, no loop
+    round trips); the adds still run in position order, so the padding a bucket adds
+    (exact zeros) never changes a sum.
     """
     batch, length = tokens.shape
 
@@ -134,8 +151,9 @@ def _bag_sum(table: jax.Array, tokens: jax.Array) -> jax.Array:
         # where, not a multiply by the mask: a non-finite padding row cannot leak in.
         return acc + jnp.where((col != 0)[:, None], table.at[col].get(mode="clip"), 0.0)
 
+    unroll = length if layout() == "accelerator" else min(length, _BAG_UNROLL)
     return jax.lax.fori_loop(0, length, add, jnp.zeros((batch, table.shape[1]), table.dtype),
-                             unroll=min(length, _BAG_UNROLL))
+                             unroll=max(unroll, 1))
 
 
 @jax.custom_vjp
@@ -160,8 +178,9 @@ def embedding_bag_mean_grad(num_rows: int, parts) -> jax.Array:
     """The table gradient of ``sum_i <g_i, embedding_bag_mean(table, tokens_i)>``.
 
     Each real token of row b adds ``g[b] / count[b]`` to its table row: a scatter-add,
-    done one position at a time ((B, D) updates) so no (B, L, D) array is built. Several
-    bags reading one table (tied in0/in1) share one accumulator.
+    on CPU done one position at a time ((B, D) updates) so no (B, L, D) array is built;
+    on an accelerator as one scatter of all B * L updates (a loop costs a launch per
+    position there). Several bags reading one table (tied in0/in1) share one accumulator.
 
     Args:
       num_rows: V, the table's row count.
@@ -171,6 +190,12 @@ def embedding_bag_mean_grad(num_rows: int, parts) -> jax.Array:
       float32 (V, D).
     """
     acc = jnp.zeros((num_rows, parts[0][1].shape[1]), parts[0][1].dtype)
+    if layout() == "accelerator":
+        ids = jnp.concatenate([tokens.ravel() for tokens, _ in parts])
+        updates = jnp.concatenate([
+            jnp.where((tokens != 0)[:, :, None], (g / bag_counts(tokens, g.dtype))[:, None, :],
+                      0.0).reshape(-1, g.shape[1]) for tokens, g in parts])
+        return acc.at[ids].add(updates, mode="drop")
     for tokens, g in parts:
         gn = g / bag_counts(tokens, g.dtype)  # (B, D): what each real token of a row gets
 

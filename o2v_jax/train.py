@@ -13,7 +13,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,10 @@ import numpy as np
 import optax
 
 from . import checkpoint
-from .buckets import batches
+from .buckets import Batch, batches, prefetch
 from .config import Config
 from .data import PairData, Pretrained, negative_sample
-from .encoders import bag_counts, dropout, embedding_bag_mean, embedding_bag_mean_grad
+from .encoders import bag_counts, dropout, embedding_bag_mean, embedding_bag_mean_grad, layout
 from .model import Object2Vec, abstract_model, merge_params, nnx_rngs, split_params
 
 log = logging.getLogger("o2v_jax")
@@ -237,6 +237,31 @@ def chunk_gradient(per_token: jax.Array, levels: jax.Array, level_starts: jax.Ar
     return jax.lax.fori_loop(lo + 1, hi, add, first)
 
 
+def device_rows(bags: list[jax.Array], vocab: int) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """:meth:`_RowRemap._rows` computed inside the jitted step (the accelerator layout).
+
+    One sort on the device instead of host work per step, and one static row count per
+    bucket shape: ``min(V, T + 1)`` (T = the bags' tokens), so a shape compiles once.
+    Returns int32 (cap,) the sorted distinct ids (padding row 0 first) padded with V,
+    int32 () their count, and ``bags`` as positions in that list.
+    """
+    flat = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [b.ravel() for b in bags])
+    rows, inverse = jnp.unique(flat, size=min(vocab, flat.size), fill_value=vocab,
+                               return_inverse=True)
+    inverse = inverse.reshape(-1)[1:]
+    remapped, start = [], 0
+    for b in bags:
+        remapped.append(inverse[start:start + b.size].reshape(b.shape).astype(jnp.int32))
+        start += b.size
+    return rows.astype(jnp.int32), jnp.sum(rows < vocab).astype(jnp.int32), remapped
+
+
+def table_bags(tied: bool, in0, in1) -> dict[str, tuple[list, int]]:
+    """Token table name -> (the id arrays reading it, the side whose vocab it has)."""
+    return ({"embed0": ([in0, in1], 0)} if tied
+            else {"embed0": ([in0], 0), "embed1": ([in1], 1)})
+
+
 class _RowRemap:
     """The lazy row_sparse train step: each table's rows found on the host, then the jitted step.
 
@@ -279,10 +304,8 @@ class _RowRemap:
 
     def __call__(self, params, opt_state, in0, in1, labels, weights, key):
         in0, in1 = np.asarray(in0), np.asarray(in1)
-        tables = ({"embed0": ([in0, in1], 0)} if self.tied
-                  else {"embed0": ([in0], 0), "embed1": ([in1], 1)})
         rows, counts, plans, remapped = {}, {}, {}, {}
-        for name, (bags, side) in tables.items():
+        for name, (bags, side) in table_bags(self.tied, in0, in1).items():
             if self.pooled and sum(b.size for b in bags) >= PLAN_MIN_TOKENS:
                 rows[name], counts[name], *plans[name] = gradient_plan(bags, self.vocab[side])
             else:
@@ -302,6 +325,10 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
     """
     tx = make_optimizer(config)
     regression = config.is_regression
+    # On an accelerator the lazy update runs in one shot over all of a batch's rows (a
+    # loop iteration costs a launch and a host round trip there) and no gradient_plan is
+    # made; on CPU, ROW_CHUNK-row chunks that stay in cache. encoders.layout() decides.
+    one_shot = layout() == "accelerator"
     tied = config.tied_token_embedding_weight
 
     def loss_fn(params, in0, in1, labels, weights, key):
@@ -342,7 +369,9 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
 
     def sparse_grads(rest, tables, rows, plans, remapped, in0, in1, labels, weights, key):
         """(sums, grads of rest, per table: chunk -> its rows' gradient, (ROW_CHUNK, D))."""
-        def sliced(g):  # chunks of a (cap, D) gradient buffer
+        def sliced(g):  # chunks of a (cap, D) gradient buffer (all of it in one shot)
+            if one_shot:
+                return lambda c: g
             return lambda c: jax.lax.dynamic_slice_in_dim(g, c * ROW_CHUNK, ROW_CHUNK)
 
         if not pooled:  # through the model, on gathered tables and remapped ids
@@ -385,7 +414,9 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         state, run ``tx.update`` on them, scatter both back. Chunks keep the work in
         cache (one read and one write of each touched row), and the loop stops after the
         last real row, so the padding of ``rows`` costs nothing here. Padding ids are V:
-        gathered with clipping (harmless garbage), dropped by the scatters.
+        gathered with clipping (harmless garbage), dropped by the scatters. With
+        ``one_shot`` (accelerators) the body runs once on all of ``rows``, padding
+        included, and ``chunk_grad(0)`` is the whole (cap, D) gradient.
         """
         vocab = table.shape[0]
         per_row = lambda x: x.ndim > 0 and x.shape[0] == vocab  # noqa: E731 - state leaves of table shape
@@ -393,7 +424,7 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
 
         def body(i, carry):
             table, state = carry
-            idx = jax.lax.dynamic_slice_in_dim(rows, i * ROW_CHUNK, ROW_CHUNK)
+            idx = rows if one_shot else jax.lax.dynamic_slice_in_dim(rows, i * ROW_CHUNK, ROW_CHUNK)
             g = chunk_grad(i)
             p = table.at[idx].get(mode="clip")
             st = jax.tree.map(lambda x: x.at[idx].get(mode="clip") if per_row(x) else x, state)
@@ -406,8 +437,11 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
                                  if per_row(full) else full, state, st)
             return table, state
 
-        chunks = (count + ROW_CHUNK - 1) // ROW_CHUNK
-        table, new_state = jax.lax.fori_loop(0, chunks, body, (table, state))
+        if one_shot:
+            table, new_state = body(0, (table, state))
+        else:
+            chunks = (count + ROW_CHUNK - 1) // ROW_CHUNK
+            table, new_state = jax.lax.fori_loop(0, chunks, body, (table, state))
         # The scalar leaves as one update of no rows computes them (e.g. count + 1).
         empty = lambda x: x[:0] if per_row(x) else x  # noqa: E731
         _, scalars = tx.update(table[:0], jax.tree.map(empty, state), table[:0])
@@ -434,7 +468,19 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         return loss_fn(params, in0, in1, labels, weights, None)[1]
 
     if config.row_sparse:
-        train_step = _RowRemap(config, jax.jit(sparse_step, donate_argnums=(0, 1)), pooled)
+        if one_shot:  # rows found on the device: no host work per step
+            vocab = (config.enc0.vocab_size, config.enc1.vocab_size)
+
+            def device_sparse_step(params, opt_state, in0, in1, labels, weights, key):
+                rows, counts, remapped = {}, {}, {}
+                for name, (bags, side) in table_bags(tied, in0, in1).items():
+                    rows[name], counts[name], remapped[name] = device_rows(bags, vocab[side])
+                return sparse_step(params, opt_state, rows, counts, {}, remapped, in0, in1,
+                                   labels, weights, key)
+
+            train_step = jax.jit(device_sparse_step, donate_argnums=(0, 1))
+        else:
+            train_step = _RowRemap(config, jax.jit(sparse_step, donate_argnums=(0, 1)), pooled)
     else:
         train_step = jax.jit(dense_step, donate_argnums=(0, 1))
     return Steps(
@@ -442,6 +488,29 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         eval_step=jax.jit(eval_step),
         init_opt=jax.jit(init_opt),
     )
+
+
+# A training step's dropout key, fold_in(dropout_root, global_step). Called eagerly,
+# jax.random.fold_in costs ~250 us of host time (measured on the 2-core CPU); jitted,
+# ~25 us. Where the loop is host-bound (GPUs) that was added to every step. Same bits.
+step_key = jax.jit(jax.random.fold_in)
+
+
+def stage_batch(batch: Batch) -> tuple[Batch, int]:
+    """``(batch, real rows)`` as the train step takes it: on an accelerator the arrays
+    are copied to the device (the row count is taken first, on the host, so counting
+    never waits for the device). Feed a step staged batches only: jit keys its cache on
+    numpy vs JAX array inputs too, so mixing them compiles each shape twice."""
+    real = int(batch.weights.sum())
+    if layout() == "accelerator":
+        batch = Batch(*jax.device_put((batch.in0, batch.in1, batch.labels, batch.weights)))
+    return batch, real
+
+
+def staged(batch_iter: Iterator[Batch]) -> Iterator[tuple[Batch, int]]:
+    """:func:`stage_batch` of each of ``batch_iter``, built ahead on a worker thread
+    (:func:`buckets.prefetch`) so host batching and copies overlap the steps."""
+    return prefetch(batch_iter, depth=2, transform=stage_batch)
 
 
 # --------------------------------------------------------------------------- early stopping
@@ -612,14 +681,15 @@ def train(
             data = negative_sample(train_data, config.negative_sampling_rate, rng)
         parts = []
         with _progress(len(data), f"epoch {epoch}", progress) as bar:
-            for batch in batches(data, config, shuffle_seed=_epoch_seed(seed, epoch, 0)):
-                key = jax.random.fold_in(dropout_root, global_step)
+            for batch, real in staged(batches(data, config, shuffle_seed=_epoch_seed(seed, epoch, 0))):
+                key = step_key(dropout_root, global_step)
                 params, opt_state, sums = steps.train_step(
                     params, opt_state, batch.in0, batch.in1, batch.labels, batch.weights, key)
                 parts.append(sums)
                 global_step += 1
-                bar.update(int(batch.weights.sum()))
-        totals = {k: float(np.sum([np.asarray(p[k]) for p in parts])) for k in ("loss", "correct", "count")}
+                bar.update(real)
+        parts = jax.device_get(parts)  # one batched copy, not a round trip per step
+        totals = {k: float(np.sum([p[k] for p in parts])) for k in ("loss", "correct", "count")}
         seconds = time.perf_counter() - t0
         train_metrics = finish_metrics(totals, regression)
         record: dict[str, Any] = {"epoch": epoch, "seconds": seconds,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from o2v_jax.buckets import batches, count_batches, length_ladder, pad_sequences
+from o2v_jax.buckets import batches, count_batches, length_ladder, pad_sequences, prefetch
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import PairData, Ragged
 
@@ -130,3 +130,42 @@ def test_sequences_longer_than_max_seq_len_are_rejected():
                     np.zeros(1, np.float32), "mem")
     with pytest.raises(ValueError, match="longer than max_seq_len=12"):
         count_batches(data, config())
+
+
+# --------------------------------------------------------------------------- prefetch
+
+def test_prefetch_yields_the_same_items_in_order_through_transform():
+    assert list(prefetch(iter(range(50)), depth=3, transform=lambda x: x * x)) == [
+        x * x for x in range(50)]
+    assert list(prefetch(iter([]))) == []
+
+
+def test_prefetch_raises_the_workers_error_at_its_item():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("bad record at line 3")
+
+    got = []
+    with pytest.raises(ValueError, match="line 3"):
+        for x in prefetch(items()):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_prefetch_stops_its_worker_when_the_consumer_stops():
+    import itertools
+    import threading
+
+    made = []
+
+    def endless():
+        for i in itertools.count():
+            made.append(i)
+            yield i
+
+    gen = prefetch(endless(), depth=2)
+    assert [next(gen) for _ in range(5)] == list(range(5))
+    gen.close()
+    assert not any(t.name == "o2v-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 5 + 2 + 2  # at most depth items (+ one in hand) past the last taken

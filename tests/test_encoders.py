@@ -167,3 +167,27 @@ def test_dropout_keep_mask_rate_and_keys():
     assert abs((mask & other).mean() - 0.36) < 0.01  # independent masks, not shifted copies
     assert np.asarray(keep_mask(key, 1.0, (1000,))).all()
     assert not np.asarray(keep_mask(key, 0.0, (1000,))).any()
+
+
+@pytest.mark.parametrize("layout", ["cpu", "accelerator"])
+def test_embedding_bag_mean_and_its_gradient_in_both_layouts(layout, monkeypatch):
+    # encoders.layout() picks loops that stay in cache (CPU) or straight-line code and one
+    # scatter (accelerators); both must give the masked mean, the same sum whatever the
+    # padding (bit for bit: an embedding may not depend on its bucket), and its gradient.
+    from o2v_jax import encoders
+
+    monkeypatch.setattr(encoders, "LAYOUT", layout)
+    rng = np.random.default_rng(4)
+    table = rng.normal(size=(20, 5)).astype(np.float32)
+    g = rng.normal(size=(len(SEQS), 5)).astype(np.float32)
+    mean = jax.jit(encoders.embedding_bag_mean)
+    short, long = mean(table, pad(SEQS, 7)), mean(table, pad(SEQS, 12))
+    np.testing.assert_array_equal(np.asarray(short), np.asarray(long))
+    want = np.stack([table[s].mean(axis=0) for s in SEQS])
+    np.testing.assert_allclose(np.asarray(short), want, rtol=1e-5, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda t, ids: jnp.sum(encoders.embedding_bag_mean(t, ids) * g)))(
+        table, pad(SEQS, 12))
+    want_grad = np.zeros_like(table)
+    for s, row in zip(SEQS, g):
+        np.add.at(want_grad, s, row / len(s))
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-6)

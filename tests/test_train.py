@@ -113,31 +113,47 @@ def test_regression_reaches_low_mse(tmp_path):
 
 # --------------------------------------------------------------------------- compile counts
 
-def test_train_step_compiles_once_per_bucket_shape(tmp_path):
-    config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10))
+@pytest.mark.parametrize("layout,storage", [("cpu", "dense"), ("accelerator", "dense"),
+                                            ("accelerator", "row_sparse")])
+def test_train_step_compiles_once_per_bucket_shape(tmp_path, monkeypatch, layout, storage):
+    # Fed as train() feeds it (train.stage_batch: device copies on an accelerator). The
+    # CPU row_sparse step compiles per row-set size too (train.row_cap), so not here.
+    from o2v_jax import encoders
+    from o2v_jax.train import stage_batch, step_key
+
+    monkeypatch.setattr(encoders, "LAYOUT", layout)
+    config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10,
+                                          token_embedding_storage_type=storage))
     data = read_channel(write_jsonl(tmp_path / "t.jsonl", group_pairs(200, 0, max_len=20)), config)
     graphdef, params, keep = init_params(config, 0, (None, None))
     steps = build_steps(graphdef, config, keep)
     opt_state = steps.init_opt(params)
     shapes = set()
     for epoch in range(2):
-        for b in batches(data, config, shuffle_seed=epoch):
+        for i, b in enumerate(batches(data, config, shuffle_seed=epoch)):
             shapes.add((b.in0.shape, b.in1.shape))
+            b, real = stage_batch(b)
+            assert real == int(np.asarray(b.weights).sum())
             params, opt_state, _ = steps.train_step(params, opt_state, b.in0, b.in1, b.labels,
-                                                    b.weights, jax.random.key(epoch))
+                                                    b.weights, step_key(jax.random.key(0), i))
     assert len(shapes) > 1
     assert steps.train_step._cache_size() == len(shapes)
 
 
 # --------------------------------------------------------------------------- row_sparse
 
-@pytest.fixture(params=["plan", "buffer"])
+@pytest.fixture(params=["plan", "buffer", "accelerator"])
 def gradient_path(request, monkeypatch):
-    """Both ways a row_sparse step sums a pooled table's gradient: train.gradient_plan
-    (batches of at least train.PLAN_MIN_TOKENS tokens) and a (cap, D) scatter-add buffer."""
+    """Every way a row_sparse step sums a pooled table's gradient and updates its rows:
+    on CPU, train.gradient_plan (batches of at least train.PLAN_MIN_TOKENS tokens) or a
+    (cap, D) scatter-add buffer, then the chunked lazy loop; the accelerator layout
+    (encoders.LAYOUT), one scatter and a one-shot update, run here on CPU."""
+    from o2v_jax import encoders
     from o2v_jax import train as train_module
 
     monkeypatch.setattr(train_module, "PLAN_MIN_TOKENS", 0 if request.param == "plan" else 10**9)
+    if request.param == "accelerator":
+        monkeypatch.setattr(encoders, "LAYOUT", "accelerator")
     return request.param
 
 
