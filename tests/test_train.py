@@ -140,6 +140,25 @@ def test_train_step_compiles_once_per_bucket_shape(tmp_path, monkeypatch, layout
     assert steps.train_step._cache_size() == len(shapes)
 
 
+@pytest.mark.parametrize("layout", ["cpu", "accelerator"])
+def test_staged_batches_are_the_batches_in_order(tmp_path, monkeypatch, layout):
+    # train()'s feed: on an accelerator from a worker thread, as device arrays.
+    from o2v_jax import encoders
+    from o2v_jax.train import staged
+
+    monkeypatch.setattr(encoders, "LAYOUT", layout)
+    config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10))
+    data = read_channel(write_jsonl(tmp_path / "t.jsonl", group_pairs(150, 0, max_len=20)), config)
+    want = list(batches(data, config, shuffle_seed=3))
+    got = list(staged(batches(data, config, shuffle_seed=3)))
+    assert len(got) == len(want) > 1
+    for (b, real), w in zip(got, want):
+        assert real == int(w.weights.sum())
+        assert isinstance(b.in0, jax.Array) == (layout == "accelerator")
+        for x, y in zip((b.in0, b.in1, b.labels, b.weights), (w.in0, w.in1, w.labels, w.weights)):
+            np.testing.assert_array_equal(np.asarray(x), y)
+
+
 # --------------------------------------------------------------------------- row_sparse
 
 @pytest.fixture(params=["plan", "buffer", "accelerator"])
