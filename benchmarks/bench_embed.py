@@ -20,6 +20,7 @@ finished numpy/torch results, rounds alternate ours / torch, medians, ratio last
 
     python benchmarks/bench_embed.py [--quick] [--json out.json] [--repeat N]
         [--networks pooled_embedding,hcnn,bilstm]
+        [--layout auto|cpu|accelerator]   (code shape: default by JAX backend)
 """
 
 from __future__ import annotations
@@ -146,6 +147,23 @@ def stream_bandwidth(mib: int = 512, repeat: int = 5) -> float:
     return a.nbytes / common.median(times)
 
 
+def device_bandwidth(mib: int = 2048, repeat: int = 9) -> float:
+    """Bytes/s of a jitted sum over a ``mib`` MiB float32 array on JAX's default device
+    (on an accelerator the limit that matters is its own memory's, not the host's)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones(mib * (1 << 20) // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(a).block_until_ready()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        total(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return a.nbytes / common.median(times)
+
+
 def measure(network: str, n: int, repeat: int, torch, quick: bool) -> dict:
     import o2v_jax
 
@@ -206,7 +224,9 @@ def main(argv=None) -> None:
     ap.add_argument("--networks", default="pooled_embedding,hcnn,bilstm")
     ap.add_argument("--sequences", type=int, help="pooled_embedding sequences (default 8192)")
     ap.add_argument("--no-torch", action="store_true")
+    common.add_layout_arg(ap)
     args = ap.parse_args(argv)
+    print(f"o2v-jax code layout: {common.apply_layout(args)}")
     torch = None if args.no_torch else common.try_import_torch()
     repeat = args.repeat or (3 if args.quick else 9)
 
@@ -220,6 +240,14 @@ def main(argv=None) -> None:
           f"{table_mib} MiB array (the pooled table's size)", flush=True)
     results = {"bandwidth_bytes_per_second": bw, "table_sized_read_bytes_per_second": bw_table,
                "networks": []}
+    import jax
+
+    bw_device = None
+    if jax.default_backend() != "cpu":  # the host figures above then bound only host work
+        bw_device = device_bandwidth()
+        results["device_bandwidth_bytes_per_second"] = bw_device
+        print(f"device memory bandwidth, jitted sum over 2 GiB on {jax.devices()[0]}: "
+              f"{bw_device / 1e9:.0f} GB/s", flush=True)
     for network in args.networks.split(","):
         if network == "pooled_embedding":
             n = args.sequences or (1024 if args.quick else 8192)
@@ -235,6 +263,11 @@ def main(argv=None) -> None:
             print(f"  bandwidth limit: {common.fmt_rate(limit)} tokens/s (D*4 = {r['dim'] * 4} "
                   f"bytes per token); o2v-jax reaches {rate / limit:.0%} of it "
                   f"({r['fraction_of_table_sized_read']:.0%} of the table-sized read's rate)")
+            if bw_device:
+                r["fraction_of_device_bandwidth"] = rate / (bw_device / (r["dim"] * 4))
+                print(f"  device bandwidth limit: {common.fmt_rate(bw_device / (r['dim'] * 4))} "
+                      f"tokens/s; o2v-jax reaches {r['fraction_of_device_bandwidth']:.1%} of it "
+                      f"(end to end from Python lists: host work bounds it)")
         if "ratio_vs_torch" in r:
             print(f"  ratio o2v-jax / torch (throughput): {r['ratio_vs_torch']:.2f}x")
         results["networks"].append(r)

@@ -26,6 +26,7 @@ rounds interleaved with ours. Medians of the rounds; the ratio is printed last.
 
     python benchmarks/bench_train.py [--job movielens|wikipedia|all]
         [--storage row_sparse|dense|both] [--quick] [--json out.json] [--repeat N]
+        [--layout auto|cpu|accelerator]   (code shape: default by JAX backend)
 """
 
 from __future__ import annotations
@@ -114,21 +115,23 @@ class JaxLoop:
     def __init__(self, config, data, seed: int = 0, only_shape=None):
         import jax
 
-        from o2v_jax.train import build_steps, init_params
+        from o2v_jax.train import build_steps, init_params, stage_batch, staged, step_key
 
         self.jax = jax
+        self.step_key = step_key  # train()'s jitted fold_in
+        self.stage = stage_batch
         graphdef, self.params, keep = init_params(config, seed, (None, None))
         self.steps = build_steps(graphdef, config, keep)
         self.opt_state = self.steps.init_opt(self.params)
         self.dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
         self.global_step = 0
-        self.stream = stream(data, config, seed, only_shape)
+        self.stream = staged(stream(data, config, seed, only_shape))  # as train() feeds it
 
     def compiled(self) -> int:
         return self.steps.train_step._cache_size()
 
     def step(self, batch):
-        key = self.jax.random.fold_in(self.dropout_root, self.global_step)
+        key = self.step_key(self.dropout_root, self.global_step)
         self.params, self.opt_state, sums = self.steps.train_step(
             self.params, self.opt_state, batch.in0, batch.in1, batch.labels, batch.weights, key)
         self.global_step += 1
@@ -137,9 +140,9 @@ class JaxLoop:
     def run(self, n: int) -> float:
         """Train on the next n batches; returns the real records seen (all work finished)."""
         parts, records = [], 0.0
-        for batch in itertools.islice(self.stream, n):
+        for batch, real in itertools.islice(self.stream, n):
             parts.append(self.step(batch))
-            records += float(batch.weights.sum())
+            records += real
         self.jax.block_until_ready((self.params, self.opt_state, parts))
         return records
 
@@ -261,7 +264,7 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
     t0 = time.perf_counter()
     shapes = shapes_of_one_epoch(data, config) if only_shape is None else {}
     for batch in shapes.values():
-        loops["o2v-jax"].step(batch)
+        loops["o2v-jax"].step(loops["o2v-jax"].stage(batch)[0])  # as the stream stages it
     for loop in loops.values():
         loop.run(warm_batches)
     loops["o2v-jax"].jax.block_until_ready(loops["o2v-jax"].params)
@@ -332,7 +335,9 @@ def main(argv=None) -> None:
                     help="wikipedia table storage (movielens uses the preset's)")
     ap.add_argument("--positives", type=int, help="wikipedia positive records (x4 with negatives)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    common.add_layout_arg(ap)
     args = ap.parse_args(argv)
+    print(f"o2v-jax code layout: {common.apply_layout(args)}")
 
     torch_ok = not args.no_torch and common.try_import_torch() is not None
     from o2v_jax.config import from_hyperparameters

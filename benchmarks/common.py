@@ -27,6 +27,21 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats per variant")
 
 
+def add_layout_arg(ap: argparse.ArgumentParser) -> None:
+    """``--layout``: force o2v_jax's code shape (encoders.layout), e.g. to time the CPU
+    loops on a GPU as the baseline of the accelerator code; default: from the backend."""
+    ap.add_argument("--layout", choices=["auto", "cpu", "accelerator"], default="auto",
+                    help="code shape of the bag ops and row_sparse step (default: by backend)")
+
+
+def apply_layout(args: argparse.Namespace) -> str:
+    """Set encoders.LAYOUT from ``--layout``; returns the layout in effect."""
+    from o2v_jax import encoders
+
+    encoders.LAYOUT = None if args.layout == "auto" else args.layout
+    return encoders.layout()
+
+
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeat: int,
                 warmup: int = 1) -> dict[str, list[float]]:
     """Wall seconds of each callable, ``repeat`` times, in round-robin order.
@@ -66,6 +81,9 @@ def machine() -> dict[str, Any]:
         import jax
 
         info["jax_backend"] = jax.default_backend()
+        from o2v_jax.encoders import layout
+
+        info["o2v_layout"] = layout()
         info["jax_devices"] = [str(d) for d in jax.devices()]
     except Exception:  # noqa: BLE001 - facts only
         pass

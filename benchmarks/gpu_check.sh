@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One short accelerator check: bench_embed (pooled_embedding) and bench_train's Wikipedia
-# job (spec §7.3, row_sparse) on the first JAX device, printing their numbers.
+# One short accelerator check: bench_embed and bench_train (the Wikipedia job of spec
+# §7.3, and MovieLens) on the first JAX device, each next to its baseline in the same
+# run: the same benchmark with --layout cpu, i.e. the code shape o2v-jax uses on CPU
+# (cache-sized loops, host-side row plans) run on the accelerator.
 #
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh [--full]
 #
 # Needs an environment with jax for the accelerator already installed (e.g.
 # `pip install -e '.[cuda12]'`): it installs nothing and reaches no network. The torch
 # baselines are skipped (they run on the CPU; comparing them with a GPU says nothing).
-# Sizes are the scripts' --quick ones unless --full; the whole check is bounded by
-# TIMEOUT seconds per step (default 240). CI never runs this.
+# Sizes are the scripts' --quick ones unless --full (the --layout cpu baselines are
+# always --quick: that layout compiles a shape per row count); every step is bounded by
+# TIMEOUT seconds (default 240). CI never runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +20,7 @@ TIMEOUT=${TIMEOUT:-240}
 SIZE=--quick
 if [[ "${1:-}" == "--full" ]]; then SIZE=""; fi
 OUT=${OUT:-$(mktemp -d -t o2v-gpu-check-XXXXXX)}
+mkdir -p "$OUT"
 
 echo "== machine"
 date
@@ -42,10 +46,18 @@ run() {  # run NAME CMD...: bounded, keeps going after a failure, remembers it
   fi
 }
 
-run embed "$PY" benchmarks/bench_embed.py $SIZE --no-torch --networks pooled_embedding \
-  --json "$OUT/embed.json"
-run train "$PY" benchmarks/bench_train.py $SIZE --no-torch --job wikipedia --storage row_sparse \
-  --json "$OUT/train.json"
+run train-cpu-layout "$PY" benchmarks/bench_train.py --quick --no-torch --layout cpu \
+  --job wikipedia --storage row_sparse --json "$OUT/train_cpu_layout.json"
+run train-quick "$PY" benchmarks/bench_train.py --quick --no-torch --job wikipedia \
+  --storage row_sparse --json "$OUT/train_quick.json"
+if [[ -n "$SIZE" ]]; then  # --quick: train-quick above is the measurement
+  echo "(train: --quick, same as train-quick)"
+else
+  run train "$PY" benchmarks/bench_train.py --no-torch --json "$OUT/train.json"
+fi
+run embed-cpu-layout "$PY" benchmarks/bench_embed.py --quick --no-torch --layout cpu \
+  --networks pooled_embedding --json "$OUT/embed_cpu_layout.json"
+run embed "$PY" benchmarks/bench_embed.py $SIZE --no-torch --json "$OUT/embed.json"
 
 echo
 echo "== summary (JSON in $OUT)"
@@ -53,13 +65,24 @@ echo "== summary (JSON in $OUT)"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-if (out / "embed.json").exists():
-    for n in json.loads((out / "embed.json").read_text())["results"]["networks"]:
-        print(f"embed {n['network']}: {n['sequences_per_second']['o2v-jax']:,.0f} seq/s, "
-              f"{n['tokens_per_second']['o2v-jax']:,.0f} real tokens/s")
-if (out / "train.json").exists():
-    for j in json.loads((out / "train.json").read_text())["results"]:
-        print(f"train {j['job']}: {j['records_per_second']['o2v-jax']:,.0f} records/s "
-              f"(SageMaker, 1 K80: ~{j['sagemaker_k80_records_per_second']:,} records/s)")
+for name in ("embed_cpu_layout", "embed"):
+    if (out / f"{name}.json").exists():
+        doc = json.loads((out / f"{name}.json").read_text())
+        layout = doc["machine"].get("o2v_layout", "?")
+        for n in doc["results"]["networks"]:
+            extra = (f", {n['fraction_of_device_bandwidth']:.1%} of device bandwidth"
+                     if "fraction_of_device_bandwidth" in n else "")
+            print(f"embed {n['network']:16s} [{layout:11s}] {n['sequences']:>6,} seq: "
+                  f"{n['sequences_per_second']['o2v-jax']:>10,.0f} seq/s, "
+                  f"{n['tokens_per_second']['o2v-jax']:>12,.0f} real tokens/s{extra}")
+for name in ("train_cpu_layout", "train_quick", "train"):
+    if (out / f"{name}.json").exists():
+        doc = json.loads((out / f"{name}.json").read_text())
+        layout = doc["machine"].get("o2v_layout", "?")
+        for j in doc["results"]:
+            sm = j.get("sagemaker_k80_records_per_second")
+            sm = f" (SageMaker, 1 K80: ~{sm:,})" if sm else ""
+            print(f"train {name:16s} {j['job'][:40]:40s} [{layout:11s}] "
+                  f"{j['records_per_second']['o2v-jax']:>10,.0f} records/s{sm}")
 EOF
 exit $status
