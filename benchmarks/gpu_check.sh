@@ -64,25 +64,14 @@ echo "== summary (JSON in $OUT)"
 "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from run_all import summarize
 out = Path(sys.argv[1])
-for name in ("embed_cpu_layout", "embed"):
+for name in ("train_cpu_layout", "train_quick", "train", "embed_cpu_layout", "embed"):
     if (out / f"{name}.json").exists():
         doc = json.loads((out / f"{name}.json").read_text())
         layout = doc["machine"].get("o2v_layout", "?")
-        for n in doc["results"]["networks"]:
-            extra = (f", {n['fraction_of_device_bandwidth']:.1%} of device bandwidth"
-                     if "fraction_of_device_bandwidth" in n else "")
-            print(f"embed {n['network']:16s} [{layout:11s}] {n['sequences']:>6,} seq: "
-                  f"{n['sequences_per_second']['o2v-jax']:>10,.0f} seq/s, "
-                  f"{n['tokens_per_second']['o2v-jax']:>12,.0f} real tokens/s{extra}")
-for name in ("train_cpu_layout", "train_quick", "train"):
-    if (out / f"{name}.json").exists():
-        doc = json.loads((out / f"{name}.json").read_text())
-        layout = doc["machine"].get("o2v_layout", "?")
-        for j in doc["results"]:
-            sm = j.get("sagemaker_k80_records_per_second")
-            sm = f" (SageMaker, 1 K80: ~{sm:,})" if sm else ""
-            print(f"train {name:16s} {j['job'][:40]:40s} [{layout:11s}] "
-                  f"{j['records_per_second']['o2v-jax']:>10,.0f} records/s{sm}")
+        for line in summarize(name.split("_")[0], doc):
+            print(f"[{name}, {layout} layout] {line}")
 EOF
 exit $status

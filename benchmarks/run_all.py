@@ -20,31 +20,41 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
 BENCHES = ("train", "embed", "server", "scaling")
 
 
-def fmt(x: float) -> str:
-    return f"{x:,.0f}"
+fmt = common.fmt_rate
+
+
+def _extras(result: dict) -> str:
+    """The ratio to torch, then whichever reference figures the result has."""
+    parts = [f"{result['ratio_vs_torch']:.2f}x torch" if "ratio_vs_torch" in result
+             else "no torch"]
+    if "sagemaker_k80_records_per_second" in result:
+        parts.append(f"SageMaker K80 ~{fmt(result['sagemaker_k80_records_per_second'])}")
+    if "fraction_of_bandwidth_limit" in result:
+        parts.append(f"{result['fraction_of_bandwidth_limit']:.0%} of bandwidth limit")
+    if "fraction_of_device_bandwidth" in result:
+        parts.append(f"{result['fraction_of_device_bandwidth']:.1%} of device bandwidth")
+    return ", ".join(parts)
 
 
 def summarize(name: str, doc: dict) -> list[str]:
+    """One line per result of a bench script's JSON (``name``: train, embed, server,
+    scaling); also used by gpu_check.sh."""
     r = doc["results"]
     lines = []
     if name == "train":
         for job in r:
-            rps = job["records_per_second"]
-            ratio = f"{job['ratio_vs_torch']:.2f}x torch" if "ratio_vs_torch" in job else "no torch"
-            extra = (f", SageMaker K80 ~{fmt(job['sagemaker_k80_records_per_second'])}"
-                     if "sagemaker_k80_records_per_second" in job else "")
-            lines.append(f"train   {job['job']:<44} {fmt(rps['o2v-jax']):>9} records/s  "
-                         f"({ratio}{extra})")
+            lines.append(f"train   {job['job']:<44} {fmt(job['records_per_second']['o2v-jax']):>9} "
+                         f"records/s  ({_extras(job)})")
     elif name == "embed":
         for net in r["networks"]:
-            ratio = f"{net['ratio_vs_torch']:.2f}x torch" if "ratio_vs_torch" in net else "no torch"
-            bw = (f", {net['fraction_of_bandwidth_limit']:.0%} of bandwidth limit"
-                  if "fraction_of_bandwidth_limit" in net else "")
             lines.append(f"embed   {net['network']:<44} {fmt(net['sequences_per_second']['o2v-jax']):>9} "
-                         f"seq/s      ({ratio}{bw})")
+                         f"seq/s      ({_extras(net)})")
     elif name == "server":
         b, c = r["bulk"], r["concurrent"]
         lines.append(f"server  1,000-record embedding requests over HTTP   "
