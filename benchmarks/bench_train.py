@@ -79,14 +79,14 @@ def movielens_hp() -> tuple[dict[str, str], str]:
 def stream(data, config, seed: int = 0, only_shape=None):
     """train()'s per-epoch host work, forever: negative sampling, then shuffled batches."""
     from o2v_jax.buckets import batches
-    from o2v_jax.data import negative_sample
+    from o2v_jax.data import negative_pairs
     from o2v_jax.train import _epoch_seed
 
     for epoch in itertools.count():
         epoch_data = data
         if config.negative_sampling_rate > 0:
             rng = np.random.default_rng(_epoch_seed(seed, epoch, 1))
-            epoch_data = negative_sample(data, config.negative_sampling_rate, rng)
+            epoch_data = negative_pairs(data, config.negative_sampling_rate, rng)
         for batch in batches(epoch_data, config, shuffle_seed=_epoch_seed(seed, epoch, 0)):
             if only_shape is None or (batch.in0.shape[1], batch.in1.shape[1]) == only_shape:
                 yield batch
@@ -95,11 +95,11 @@ def stream(data, config, seed: int = 0, only_shape=None):
 def shapes_of_one_epoch(data, config, seed: int = 99) -> dict[tuple[int, int], object]:
     """One batch of every (L0, L1) bucket shape an epoch has (host work only)."""
     from o2v_jax.buckets import batches
-    from o2v_jax.data import negative_sample
+    from o2v_jax.data import negative_pairs
     from o2v_jax.train import _epoch_seed
 
     if config.negative_sampling_rate > 0:
-        data = negative_sample(data, config.negative_sampling_rate,
+        data = negative_pairs(data, config.negative_sampling_rate,
                                np.random.default_rng(_epoch_seed(seed, 0, 1)))
     out = {}
     for batch in batches(data, config, shuffle_seed=_epoch_seed(seed, 0, 0)):
@@ -308,12 +308,12 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
 def host_batching(config, data, seed: int = 0) -> dict:
     """Host work alone: negative sampling and batches() over one epoch (no training)."""
     from o2v_jax.buckets import batches
-    from o2v_jax.data import negative_sample
+    from o2v_jax.data import negative_pairs
 
     t0 = time.perf_counter()
     epoch_data = data
     if config.negative_sampling_rate:
-        epoch_data = negative_sample(data, config.negative_sampling_rate, np.random.default_rng(seed))
+        epoch_data = negative_pairs(data, config.negative_sampling_rate, np.random.default_rng(seed))
     t1 = time.perf_counter()
     n = rows = 0
     for batch in batches(epoch_data, config, shuffle_seed=seed):

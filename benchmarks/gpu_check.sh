@@ -4,21 +4,29 @@
 # run: the same benchmark with --layout cpu, i.e. the code shape o2v-jax uses on CPU
 # (cache-sized loops, host-side row plans) run on the accelerator.
 #
-#   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh [--full]
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh [--full] [--no-baseline]
 #
 # Needs an environment with jax for the accelerator already installed (e.g.
 # `pip install -e '.[cuda12]'`): it installs nothing and reaches no network. The torch
 # baselines are skipped (they run on the CPU; comparing them with a GPU says nothing).
 # Sizes are the scripts' --quick ones unless --full (the --layout cpu baselines are
-# always --quick: that layout compiles a shape per row count); every step is bounded by
-# TIMEOUT seconds (default 240). CI never runs this.
+# always --quick: that layout compiles a shape per row count); --no-baseline skips them
+# (when device time is short). Every step is bounded by TIMEOUT seconds (default 240).
+# CI never runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
 TIMEOUT=${TIMEOUT:-240}
 SIZE=--quick
-if [[ "${1:-}" == "--full" ]]; then SIZE=""; fi
+BASELINE=1
+for arg in "$@"; do
+  case $arg in
+    --full) SIZE="" ;;
+    --no-baseline) BASELINE="" ;;
+    *) echo "usage: $0 [--full] [--no-baseline]" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-$(mktemp -d -t o2v-gpu-check-XXXXXX)}
 mkdir -p "$OUT"
 
@@ -46,8 +54,10 @@ run() {  # run NAME CMD...: bounded, keeps going after a failure, remembers it
   fi
 }
 
-run train-cpu-layout "$PY" benchmarks/bench_train.py --quick --no-torch --layout cpu \
-  --job wikipedia --storage row_sparse --json "$OUT/train_cpu_layout.json"
+if [[ -n "$BASELINE" ]]; then
+  run train-cpu-layout "$PY" benchmarks/bench_train.py --quick --no-torch --layout cpu \
+    --job wikipedia --storage row_sparse --json "$OUT/train_cpu_layout.json"
+fi
 run train-quick "$PY" benchmarks/bench_train.py --quick --no-torch --job wikipedia \
   --storage row_sparse --json "$OUT/train_quick.json"
 if [[ -n "$SIZE" ]]; then  # --quick: train-quick above is the measurement
@@ -55,8 +65,10 @@ if [[ -n "$SIZE" ]]; then  # --quick: train-quick above is the measurement
 else
   run train "$PY" benchmarks/bench_train.py --no-torch --json "$OUT/train.json"
 fi
-run embed-cpu-layout "$PY" benchmarks/bench_embed.py --quick --no-torch --layout cpu \
-  --networks pooled_embedding --json "$OUT/embed_cpu_layout.json"
+if [[ -n "$BASELINE" ]]; then
+  run embed-cpu-layout "$PY" benchmarks/bench_embed.py --quick --no-torch --layout cpu \
+    --networks pooled_embedding --json "$OUT/embed_cpu_layout.json"
+fi
 run embed "$PY" benchmarks/bench_embed.py $SIZE --no-torch --json "$OUT/embed.json"
 
 echo

@@ -25,7 +25,7 @@ import optax
 from . import checkpoint
 from .buckets import Batch, batches, prefetch
 from .config import Config
-from .data import PairData, Pretrained, negative_sample
+from .data import PairData, Pretrained, negative_pairs
 from .encoders import bag_counts, dropout, embedding_bag_mean, embedding_bag_mean_grad, layout
 from .model import Object2Vec, abstract_model, merge_params, nnx_rngs, split_params
 
@@ -683,7 +683,7 @@ def train(
         data = train_data
         if config.negative_sampling_rate > 0:
             rng = np.random.default_rng(_epoch_seed(seed, epoch, 1))
-            data = negative_sample(train_data, config.negative_sampling_rate, rng)
+            data = negative_pairs(train_data, config.negative_sampling_rate, rng)
         parts = []
         with _progress(len(data), f"epoch {epoch}", progress) as bar:
             for batch, real in staged(batches(data, config, shuffle_seed=_epoch_seed(seed, epoch, 0))):

@@ -7,7 +7,7 @@ import pytest
 
 from o2v_jax.buckets import batches, count_batches, length_ladder, pad_sequences, prefetch
 from o2v_jax.config import from_hyperparameters
-from o2v_jax.data import PairData, Ragged
+from o2v_jax.data import PairData, Pairs, Ragged, negative_pairs, negative_sample
 
 
 def config(**overrides):
@@ -49,6 +49,40 @@ def test_pad_sequences():
         pad_sequences(r, 2)
     with pytest.raises(ValueError):
         pad_sequences(r, 4, rows=2)
+
+
+def test_pad_sequences_reads_no_token_past_a_sequence():
+    # Rows read L tokens from their start and zero the rest: the last sequences of the
+    # array (whose reads run off its end) and empty ones must still come out exact.
+    r = Ragged.from_lists([[7, 8], [9], [], [5, 6, 4]])
+    np.testing.assert_array_equal(pad_sequences(r, 5), [[7, 8, 0, 0, 0], [9, 0, 0, 0, 0],
+                                                        [0] * 5, [5, 6, 4, 0, 0]])
+    empty = Ragged.from_lists([[], []])
+    np.testing.assert_array_equal(pad_sequences(empty, 3, rows=3), np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_batches_of_pairs_equal_batches_of_the_copied_records(seed):
+    # An epoch's Pairs (indices, no copied tokens) batch exactly like the same records
+    # materialised: same shapes, rows, labels, order.
+    data = PairData(random_data(90).in0, random_data(90, seed=1).in1,
+                    (np.arange(90) % 2).astype(np.float32), "mem")
+    cfg = config()
+    pairs = negative_pairs(data, 2, np.random.default_rng(0))
+    copied = negative_sample(data, 2, np.random.default_rng(0))
+    got = list(batches(pairs, cfg, shuffle_seed=seed))
+    want = list(batches(copied, cfg, shuffle_seed=seed))
+    assert len(got) == len(want) == count_batches(pairs, cfg) > 1
+    for a, b in zip(got, want):
+        for field in ("in0", "in1", "labels", "weights"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    # A Pairs view of a subset in another order batches its own records only.
+    sub = Pairs(data, np.array([5, 5, 2]), np.array([0, 1, 2]), np.array([1, 2, 3], np.float32))
+    rows = [(list(b.in0[i][b.in0[i] > 0]), list(b.in1[i][b.in1[i] > 0]), b.labels[i])
+            for b in batches(sub, cfg, shuffle_seed=None) for i in np.flatnonzero(b.weights)]
+    lists0, lists1 = data.in0.to_lists(), data.in1.to_lists()
+    assert sorted(rows, key=lambda r: r[2]) == [(lists0[5], lists1[0], 1), (lists0[5], lists1[1], 2),
+                                                 (lists0[2], lists1[2], 3)]
 
 
 @pytest.mark.parametrize("bucket_width", [0, 5])

@@ -10,7 +10,7 @@ import pytest
 
 from o2v_jax import data as data_mod
 from o2v_jax.config import from_hyperparameters
-from o2v_jax.data import (DataError, PairData, Ragged, negative_sample, read_auxiliary,
+from o2v_jax.data import (DataError, PairData, Pairs, Ragged, negative_pairs, negative_sample, read_auxiliary,
                           read_channel)
 
 BASE = {"enc0_max_seq_len": 8, "enc0_vocab_size": 50, "enc0_network": "pooled_embedding",
@@ -354,3 +354,17 @@ def test_negative_sampling_edge_cases(caplog):
     assert negative_sample(no_pos, 2, np.random.default_rng(0)) is no_pos
     with pytest.raises(ValueError):
         negative_sample(pair_data([[1]], [[2]], [1]), 1, np.random.default_rng(0))
+
+
+def test_negative_pairs_index_the_channel_without_copying_tokens():
+    data = pair_data([[i + 1, i] for i in range(20)], [[i + 30] for i in range(20)],
+                     [1] * 15 + [0] * 5)
+    pairs = negative_pairs(data, 2, np.random.default_rng(5))
+    assert isinstance(pairs, Pairs) and pairs.data is data and len(pairs) == 20 + 2 * 15
+    # The same records, in the same order, as negative_sample's copied-out PairData.
+    out = negative_sample(data, 2, np.random.default_rng(5))
+    assert pairs.materialize().in0.to_lists() == out.in0.to_lists()
+    assert pairs.materialize().in1.to_lists() == out.in1.to_lists()
+    np.testing.assert_array_equal(pairs.labels, out.labels)
+    np.testing.assert_array_equal(pairs.i0[:20], np.arange(20))  # the input first, as is
+    assert data.in1.content_hash is data.in1.content_hash  # hashed once per channel
