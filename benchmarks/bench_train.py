@@ -12,8 +12,9 @@ Two jobs from the spec, on synthetic data of the same shapes (benchmarks/synthet
 
 What is timed is ``train()``'s inner loop: an endless stream of epochs (negative sampling
 per epoch, then ``buckets.batches`` with a per-epoch shuffle seed: host batching is
-included), ``fold_in`` of the dropout key, ``train_step``, the per-batch metric sums kept;
-every round of N batches ends with ``block_until_ready`` on the parameters and sums.
+included), ``train.staged``, ``train_step`` (which folds its dropout key), the per-batch
+metric sums kept; every round of N batches ends with ``block_until_ready`` on the
+parameters and sums.
 Compiling is excluded: each bucket shape is compiled in the warm-up, and a round during
 which anything compiled is thrown away and run again. Records = real rows (fill rows of
 a bucket's last batch are not counted), as train()'s throughput line counts them.
@@ -115,33 +116,31 @@ class JaxLoop:
     def __init__(self, config, data, seed: int = 0, only_shape=None):
         import jax
 
-        from o2v_jax.train import build_steps, init_params, stage_batch, staged, step_key
+        from o2v_jax.train import build_steps, init_params, stage_batch, staged
 
         self.jax = jax
-        self.step_key = step_key  # train()'s jitted fold_in
         self.stage = stage_batch
         graphdef, self.params, keep = init_params(config, seed, (None, None))
         self.steps = build_steps(graphdef, config, keep)
         self.opt_state = self.steps.init_opt(self.params)
         self.dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
-        self.global_step = 0
         self.stream = staged(stream(data, config, seed, only_shape))  # as train() feeds it
 
     def compiled(self) -> int:
         return self.steps.train_step._cache_size()
 
-    def step(self, batch):
-        key = self.step_key(self.dropout_root, self.global_step)
+    def step(self, batch, step):
+        """One train step on a staged batch (``stage_batch``'s first and last items)."""
         self.params, self.opt_state, sums = self.steps.train_step(
-            self.params, self.opt_state, batch.in0, batch.in1, batch.labels, batch.weights, key)
-        self.global_step += 1
+            self.params, self.opt_state, batch.in0, batch.in1, batch.labels, batch.weights,
+            self.dropout_root, step)
         return sums
 
     def run(self, n: int) -> float:
         """Train on the next n batches; returns the real records seen (all work finished)."""
         parts, records = [], 0.0
-        for batch, real in itertools.islice(self.stream, n):
-            parts.append(self.step(batch))
+        for batch, real, step in itertools.islice(self.stream, n):
+            parts.append(self.step(batch, step))
             records += real
         self.jax.block_until_ready((self.params, self.opt_state, parts))
         return records
@@ -264,7 +263,8 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
     t0 = time.perf_counter()
     shapes = shapes_of_one_epoch(data, config) if only_shape is None else {}
     for batch in shapes.values():
-        loops["o2v-jax"].step(loops["o2v-jax"].stage(batch)[0])  # as the stream stages it
+        staged, _, step = loops["o2v-jax"].stage(batch)  # as the stream stages it
+        loops["o2v-jax"].step(staged, step)
     for loop in loops.values():
         loop.run(warm_batches)
     loops["o2v-jax"].jax.block_until_ready(loops["o2v-jax"].params)

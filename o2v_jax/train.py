@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import sys
 import time
@@ -110,7 +111,9 @@ def _join_tables(rest: Params, tables: Mapping[str, jax.Array]) -> Params:
 class Steps:
     """The jitted functions of one training run (built once, cached per bucket shape)."""
 
-    train_step: Callable  # (params, opt_state, in0, in1, labels, weights, key) -> (params, opt_state, sums)
+    # (params, opt_state, in0, in1, labels, weights, root, step) -> (params, opt_state, sums);
+    # the step's dropout key is fold_in(root, step), folded inside (one dispatch a step).
+    train_step: Callable
     eval_step: Callable  # (params, in0, in1, labels, weights) -> sums
     init_opt: Callable  # params -> opt_state
 
@@ -237,23 +240,43 @@ def chunk_gradient(per_token: jax.Array, levels: jax.Array, level_starts: jax.Ar
     return jax.lax.fori_loop(lo + 1, hi, add, first)
 
 
+# How device_rows finds a batch's distinct ids: "mark" sets a flag per id in a
+# vocabulary-sized array and numbers the flags with a prefix sum (O(V + T), no sort);
+# "sort" is jnp.unique (a device sort, O(T log T), launched through a custom call).
+DEVICE_ROWS = "mark"
+
+
 def device_rows(bags: list[jax.Array], vocab: int) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
     """:meth:`_RowRemap._rows` computed inside the jitted step (the accelerator layout).
 
-    One sort on the device instead of host work per step, and one static row count per
-    bucket shape: ``min(V, T + 1)`` (T = the bags' tokens), so a shape compiles once.
-    Returns int32 (cap,) the sorted distinct ids (padding row 0 first) padded with V,
-    int32 () their count, and ``bags`` as positions in that list.
+    Device work instead of host work per step, and one static row count per bucket
+    shape: ``min(V, T + 1)`` (T = the bags' tokens), so a shape compiles once. Returns
+    int32 (cap,) the sorted distinct ids (padding row 0 first) padded with V, V + 1, ...
+    (out of range, and distinct, so the optimizer's scatters may promise unique indices:
+    no atomics on a GPU), int32 () their count, and ``bags`` as positions in that list.
+    Ids must be in [0, V) (channels are checked when read).
     """
-    flat = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [b.ravel() for b in bags])
-    rows, inverse = jnp.unique(flat, size=min(vocab, flat.size), fill_value=vocab,
-                               return_inverse=True)
-    inverse = inverse.reshape(-1)[1:]
+    flat = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [b.ravel().astype(jnp.int32) for b in bags])
+    cap = min(vocab, flat.size)
+    if DEVICE_ROWS == "sort":
+        rows, inverse = jnp.unique(flat, size=cap, fill_value=vocab, return_inverse=True)
+        rows, inverse = rows.astype(jnp.int32), inverse.reshape(-1).astype(jnp.int32)
+        count = jnp.sum(rows < vocab).astype(jnp.int32)
+    else:
+        mark = jnp.zeros(vocab, jnp.int32).at[flat].set(1)
+        position = jnp.cumsum(mark, dtype=jnp.int32) - 1  # of each marked id, in id order
+        count = position[-1] + 1
+        inverse = position[flat]
+        rows = jnp.full(cap, vocab, jnp.int32).at[jnp.where(mark == 1, position, cap)].set(
+            jnp.arange(vocab, dtype=jnp.int32), mode="drop")
+    slots = jnp.arange(cap, dtype=jnp.int32)
+    rows = jnp.where(slots < count, rows, vocab + slots)
+    inverse = inverse[1:]
     remapped, start = [], 0
     for b in bags:
-        remapped.append(inverse[start:start + b.size].reshape(b.shape).astype(jnp.int32))
+        remapped.append(inverse[start:start + b.size].reshape(b.shape))
         start += b.size
-    return rows.astype(jnp.int32), jnp.sum(rows < vocab).astype(jnp.int32), remapped
+    return rows, count, remapped
 
 
 def table_bags(tied: bool, in0, in1) -> dict[str, tuple[list, int]]:
@@ -302,7 +325,7 @@ class _RowRemap:
         padded[:rows.size] = rows
         return padded, np.int32(rows.size), [lut[a] for a in ids]
 
-    def __call__(self, params, opt_state, in0, in1, labels, weights, key):
+    def __call__(self, params, opt_state, in0, in1, labels, weights, root, step):
         in0, in1 = np.asarray(in0), np.asarray(in1)
         rows, counts, plans, remapped = {}, {}, {}, {}
         for name, (bags, side) in table_bags(self.tied, in0, in1).items():
@@ -311,7 +334,7 @@ class _RowRemap:
             else:
                 rows[name], counts[name], remapped[name] = self._rows(bags, side)
         return self.step(params, opt_state, rows, counts, plans, remapped, in0, in1, labels,
-                         weights, key)
+                         weights, root, step)
 
 
 def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) -> Steps:
@@ -339,7 +362,8 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         rest, tables = _split_tables(params)
         return {"rest": tx.init(rest), "tables": {k: tx.init(t) for k, t in tables.items()}}
 
-    def dense_step(params, opt_state, in0, in1, labels, weights, key):
+    def dense_step(params, opt_state, in0, in1, labels, weights, root, step):
+        key = jax.random.fold_in(root, step)
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, in0, in1, labels, weights, key)
         rest, tables = _split_tables(params)
         g_rest, g_tables = _split_tables(grads)
@@ -431,9 +455,12 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
             up, st = tx.update(g, st, p)
             if mask is not None:
                 up = up * mask.at[idx].get(mode="clip")
-            table = table.at[idx].add(up, mode="drop")
+            # One shot: device_rows' ids are sorted and distinct (padding too), so the
+            # scatters need no atomics. Chunks: host rows repeat V as padding.
+            hint = {"indices_are_sorted": True, "unique_indices": True} if one_shot else {}
+            table = table.at[idx].add(up, mode="drop", **hint)
             # Scalar leaves (Adam's step count) are written after the loop, once.
-            state = jax.tree.map(lambda full, part: full.at[idx].set(part, mode="drop")
+            state = jax.tree.map(lambda full, part: full.at[idx].set(part, mode="drop", **hint)
                                  if per_row(full) else full, state, st)
             return table, state
 
@@ -448,14 +475,14 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         return table, jax.tree.map(lambda full, s: full if per_row(full) else s, new_state, scalars)
 
     def sparse_step(params, opt_state, rows, counts, plans, remapped, in0, in1, labels, weights,
-                    key):
+                    root, step):
         # Lazy row-wise updates (MXNet's row_sparse + lazy_update): only the rows this
         # batch reads, and their optimizer state, are updated; the rest never change.
         # `rows`, `counts` and per table a gradient plan or the ids remapped to
         # positions in `rows` come from the host (`_RowRemap`).
         rest, tables = _split_tables(params)
         sums, g_rest, g_tables = sparse_grads(rest, tables, rows, plans, remapped, in0, in1,
-                                              labels, weights, key)
+                                              labels, weights, jax.random.fold_in(root, step))
         up_rest, st_rest = tx.update(g_rest, opt_state["rest"], rest)
         new_tables, st_tables = {}, {}
         for name, table in tables.items():
@@ -471,12 +498,12 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         if one_shot:  # rows found on the device: no host work per step
             vocab = (config.enc0.vocab_size, config.enc1.vocab_size)
 
-            def device_sparse_step(params, opt_state, in0, in1, labels, weights, key):
+            def device_sparse_step(params, opt_state, in0, in1, labels, weights, root, step):
                 rows, counts, remapped = {}, {}, {}
                 for name, (bags, side) in table_bags(tied, in0, in1).items():
                     rows[name], counts[name], remapped[name] = device_rows(bags, vocab[side])
                 return sparse_step(params, opt_state, rows, counts, {}, remapped, in0, in1,
-                                   labels, weights, key)
+                                   labels, weights, root, step)
 
             train_step = jax.jit(device_sparse_step, donate_argnums=(0, 1))
         else:
@@ -490,32 +517,33 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
     )
 
 
-# A training step's dropout key, fold_in(dropout_root, global_step). Called eagerly,
-# jax.random.fold_in costs ~250 us of host time (measured on the 2-core CPU); jitted,
-# ~25 us. Where the loop is host-bound (GPUs) that was added to every step. Same bits.
-step_key = jax.jit(jax.random.fold_in)
-
-
-def stage_batch(batch: Batch) -> tuple[Batch, int]:
-    """``(batch, real rows)`` as the train step takes it: on an accelerator the arrays
-    are copied to the device (the row count is taken first, on the host, so counting
-    never waits for the device). Feed a step staged batches only: jit keys its cache on
-    numpy vs JAX array inputs too, so mixing them compiles each shape twice."""
+def stage_batch(batch: Batch, step: int = 0) -> tuple[Batch, int, Any]:
+    """``(batch, real rows, step)`` as the train step takes them; ``step`` (the global step
+    number, which the step folds into its dropout key) as an int32 scalar. On an
+    accelerator all five arrays are copied to the device in one call (the row count is
+    taken first, on the host, so counting never waits for the device). Feed a step staged
+    batches only: jit keys its cache on numpy vs JAX array inputs too, so mixing them
+    compiles each shape twice."""
     real = int(batch.weights.sum())
+    step = np.int32(step)
     if layout() == "accelerator":
-        batch = Batch(*jax.device_put((batch.in0, batch.in1, batch.labels, batch.weights)))
-    return batch, real
+        *arrays, step = jax.device_put((batch.in0, batch.in1, batch.labels, batch.weights, step))
+        batch = Batch(*arrays)
+    return batch, real, step
 
 
-def staged(batch_iter: Iterator[Batch]) -> Iterator[tuple[Batch, int]]:
-    """:func:`stage_batch` of each of ``batch_iter``; on an accelerator built ahead on a
-    worker thread (:func:`buckets.prefetch`) so host batching and copies overlap the
-    steps (1.64x on an H200). On CPU the steps keep both cores busy and the thread only
-    competes with the host's per-step row plans for the GIL (~6% slower, measured), so
-    there batches are made inline."""
+def staged(batch_iter: Iterator[Batch], first_step: int = 0) -> Iterator[tuple[Batch, int, Any]]:
+    """:func:`stage_batch` of each of ``batch_iter``, numbered from ``first_step``; on an
+    accelerator built ahead on a worker thread (:func:`buckets.prefetch`) so host batching
+    and copies overlap the steps (1.64x on an H200). The main thread then only dispatches
+    steps: on an H100's host a dispatch costs ~0.4 ms, and a separate jitted fold_in for
+    the key cost another 0.1 ms a step, so the key is folded inside the step. On CPU the
+    steps keep both cores busy and the thread only competes with the host's per-step row
+    plans for the GIL (~6% slower, measured), so there batches are made inline."""
+    numbered = ((batch, first_step + i) for i, batch in enumerate(batch_iter))
     if layout() != "accelerator":
-        return map(stage_batch, batch_iter)
-    return prefetch(batch_iter, depth=2, transform=stage_batch)
+        return itertools.starmap(stage_batch, numbered)
+    return prefetch(numbered, depth=2, transform=lambda item: stage_batch(*item))
 
 
 # --------------------------------------------------------------------------- early stopping
@@ -686,10 +714,11 @@ def train(
             data = negative_pairs(train_data, config.negative_sampling_rate, rng)
         parts = []
         with _progress(len(data), f"epoch {epoch}", progress) as bar:
-            for batch, real in staged(batches(data, config, shuffle_seed=_epoch_seed(seed, epoch, 0))):
-                key = step_key(dropout_root, global_step)
+            epoch_batches = batches(data, config, shuffle_seed=_epoch_seed(seed, epoch, 0))
+            for batch, real, step in staged(epoch_batches, global_step):
                 params, opt_state, sums = steps.train_step(
-                    params, opt_state, batch.in0, batch.in1, batch.labels, batch.weights, key)
+                    params, opt_state, batch.in0, batch.in1, batch.labels, batch.weights,
+                    dropout_root, step)
                 parts.append(sums)
                 global_step += 1
                 bar.update(real)

@@ -119,7 +119,7 @@ def test_train_step_compiles_once_per_bucket_shape(tmp_path, monkeypatch, layout
     # Fed as train() feeds it (train.stage_batch: device copies on an accelerator). The
     # CPU row_sparse step compiles per row-set size too (train.row_cap), so not here.
     from o2v_jax import encoders
-    from o2v_jax.train import stage_batch, step_key
+    from o2v_jax.train import stage_batch
 
     monkeypatch.setattr(encoders, "LAYOUT", layout)
     config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10,
@@ -132,10 +132,10 @@ def test_train_step_compiles_once_per_bucket_shape(tmp_path, monkeypatch, layout
     for epoch in range(2):
         for i, b in enumerate(batches(data, config, shuffle_seed=epoch)):
             shapes.add((b.in0.shape, b.in1.shape))
-            b, real = stage_batch(b)
-            assert real == int(np.asarray(b.weights).sum())
+            b, real, step = stage_batch(b, i)
+            assert real == int(np.asarray(b.weights).sum()) and int(step) == i
             params, opt_state, _ = steps.train_step(params, opt_state, b.in0, b.in1, b.labels,
-                                                    b.weights, step_key(jax.random.key(0), i))
+                                                    b.weights, jax.random.key(0), step)
     assert len(shapes) > 1
     assert steps.train_step._cache_size() == len(shapes)
 
@@ -150,10 +150,11 @@ def test_staged_batches_are_the_batches_in_order(tmp_path, monkeypatch, layout):
     config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10))
     data = read_channel(write_jsonl(tmp_path / "t.jsonl", group_pairs(150, 0, max_len=20)), config)
     want = list(batches(data, config, shuffle_seed=3))
-    got = list(staged(batches(data, config, shuffle_seed=3)))
+    got = list(staged(batches(data, config, shuffle_seed=3), first_step=7))
     assert len(got) == len(want) > 1
-    for (b, real), w in zip(got, want):
-        assert real == int(w.weights.sum())
+    for i, ((b, real, step), w) in enumerate(zip(got, want)):
+        assert real == int(w.weights.sum()) and int(step) == 7 + i
+        assert isinstance(step, jax.Array) == (layout == "accelerator")
         assert isinstance(b.in0, jax.Array) == (layout == "accelerator")
         for x, y in zip((b.in0, b.in1, b.labels, b.weights), (w.in0, w.in1, w.labels, w.weights)):
             np.testing.assert_array_equal(np.asarray(x), y)
@@ -182,7 +183,7 @@ def _one_step_state(config, batch, keep_pretrained=None, steps_n=3):
     opt_state = steps.init_opt(params)
     before = jax.tree.map(np.array, params)
     for i in range(steps_n):
-        params, opt_state, _ = steps.train_step(params, opt_state, *batch, jax.random.key(i))
+        params, opt_state, _ = steps.train_step(params, opt_state, *batch, jax.random.key(0), i)
     return before, params, opt_state
 
 
@@ -332,6 +333,27 @@ def test_gradient_plan_sums_each_rows_tokens(case):
         ok = ids < vocab
         np.testing.assert_array_equal(got[ok], expected[ids[ok]], err_msg=f"chunk {c}")
         np.testing.assert_array_equal(got[~ok], 0.0)
+
+
+@pytest.mark.parametrize("method", ["mark", "sort"])
+@pytest.mark.parametrize("case", ["zipf_tied", "one_more_row", "all_padding", "one_id_both_sides"])
+def test_device_rows_lists_each_id_once_and_remaps_the_bags(case, method, monkeypatch):
+    # The accelerator layout's rows (train.device_rows, both ways of finding them): the
+    # distinct ids with row 0, sorted, padded with distinct out-of-range ids, and every
+    # bag position pointing at its own id.
+    from o2v_jax import train as train_module
+
+    monkeypatch.setattr(train_module, "DEVICE_ROWS", method)
+    bags, vocab = _plan_case(case)
+    bags = [jnp.asarray(b, jnp.int32) for b in bags]
+    rows, count, remapped = jax.jit(lambda b: train_module.device_rows(b, vocab))(bags)
+    rows, n = np.asarray(rows), int(count)
+    want = np.unique(np.concatenate([[0]] + [np.asarray(b).ravel() for b in bags]))
+    np.testing.assert_array_equal(rows[:n], want)
+    cap = min(vocab, 1 + sum(b.size for b in bags))
+    np.testing.assert_array_equal(rows[n:], vocab + np.arange(n, cap))
+    for b, r in zip(bags, remapped):
+        np.testing.assert_array_equal(rows[np.asarray(r)], np.asarray(b))
 
 
 # --------------------------------------------------------------------------- frozen rows
