@@ -151,6 +151,12 @@ class Pairs:
     i1: np.ndarray  # int64 (N,): which data.in1
     labels: np.ndarray  # float32 (N,)
 
+    def __post_init__(self) -> None:
+        n = self.labels.shape[0] if self.labels.ndim == 1 else -1
+        if self.i0.shape != (n,) or self.i1.shape != (n,) or self.labels.dtype != np.float32:
+            raise ValueError(f"Pairs needs (N,) i0, i1 and float32 labels, got {self.i0.shape}, "
+                             f"{self.i1.shape} and {self.labels.dtype}{self.labels.shape}")
+
     @classmethod
     def of(cls, data: PairData) -> Pairs:
         """Every record of ``data`` once, in order."""

@@ -368,3 +368,5 @@ def test_negative_pairs_index_the_channel_without_copying_tokens():
     np.testing.assert_array_equal(pairs.labels, out.labels)
     np.testing.assert_array_equal(pairs.i0[:20], np.arange(20))  # the input first, as is
     assert data.in1.content_hash is data.in1.content_hash  # hashed once per channel
+    with pytest.raises(ValueError, match="Pairs needs"):
+        Pairs(data, np.arange(3), np.arange(2), np.zeros(3, np.float32))
