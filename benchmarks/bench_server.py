@@ -8,7 +8,9 @@ port) on a model with random parameters (bench_embed's pooled_embedding model: v
     lengths uniform in 4..64) sent one at a time over a keep-alive connection; records/s
     against ``Predictor.embed`` on the same 1,000 lists in this process (interleaved,
     medians). The HTTP side includes JSON decoding, the JSON response of 1,000 x 256
-    floats and its transfer; the in-process side is the model alone.
+    floats and its transfer; the in-process side is the model alone. Also timed: the same
+    requests with ``Accept: application/x-npy`` (a .npy body: o2v-jax's extension to
+    SageMaker's JSON types, docs/inference.md).
 (b) Small: single-record requests from 16 concurrent clients (threads with their own
     keep-alive ``http.client`` connection; bounded count per client), requests/s and
     p50/p99 latency; with ``--wrk`` also wrk (``apt-get install wrk``) for a fixed time.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import os
 import shutil
@@ -87,9 +90,9 @@ class ServerProcess:
         self.log.close()
 
 
-def post(conn: http.client.HTTPConnection, body: bytes) -> bytes:
+def post(conn: http.client.HTTPConnection, body: bytes, accept: str = "application/json") -> bytes:
     conn.request("POST", "/invocations", body=body,
-                 headers={"Content-Type": "application/json", "Accept": "application/json"})
+                 headers={"Content-Type": "application/json", "Accept": accept})
     response = conn.getresponse()
     data = response.read()
     if response.status != 200:
@@ -107,16 +110,19 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     got = np.array([p["embeddings"] for p in json.loads(post(conn, body))["predictions"]],
                    np.float32)
     want = predictor.embed(seqs)
-    err = float(np.abs(got - want).max())
+    from o2v_jax import wire
+
+    npy = np.load(io.BytesIO(post(conn, body, wire.NPY)), allow_pickle=False)
+    err = max(float(np.abs(got - want).max()), float(np.abs(npy - want).max()))
     if not err < 1e-5:
         raise SystemExit(f"bench_server: HTTP and in-process embeddings differ by {err}")
-    from o2v_jax import wire
 
     request = wire.decode_request(body, "application/json", vocab_sizes=predictor.vocab_sizes,
                                   max_seq_lens=predictor.max_seq_lens)
     values = predictor.embed(seqs)
     times = common.interleaved({
         "http": lambda: post(conn, body),
+        "http, Accept .npy": lambda: post(conn, body, wire.NPY),
         "in-process embed()": lambda: predictor.embed(seqs),
         "in-process invoke()": lambda: predictor.invoke(body, "application/json", "application/json"),
         "  of which decode": lambda: wire.decode_request(
@@ -129,6 +135,7 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     med = {k: common.median(v) for k, v in times.items()}
     rates = {k: n / v for k, v in med.items()}
     overhead = med["http"] / med["in-process embed()"] - 1.0
+    overhead_npy = med["http, Accept .npy"] / med["in-process embed()"] - 1.0
     transport = med["http"] / med["in-process invoke()"] - 1.0
     response_bytes = len(wire.encode_response("embeddings", values, "application/json"))
     print(f"\n== (a) {n:,}-record embedding requests ({len(body) / 1e6:.2f} MB request, "
@@ -138,9 +145,12 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     print(f"  HTTP vs in-process embed(): {overhead:+.0%} time per request (records/s through "
           f"HTTP = {rates['http'] / rates['in-process embed()']:.2f}x); vs in-process invoke() "
           f"(same JSON decode/encode, no sockets): {transport:+.0%}")
+    print(f"  HTTP with Accept: {wire.NPY} (o2v-jax's extension, not SageMaker's) vs "
+          f"in-process embed(): {overhead_npy:+.0%}")
     del request
     return {"records_per_request": n, "request_bytes": len(body), "response_bytes": response_bytes,
             "seconds": med, "records_per_second": rates, "overhead_vs_embed": overhead,
+            "overhead_npy_vs_embed": overhead_npy,
             "overhead_vs_invoke": transport, "max_abs_diff": err}
 
 

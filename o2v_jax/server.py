@@ -303,10 +303,14 @@ def count_records(body: bytes, media_type: str) -> int:
     """Records in an /invocations response body, for the access log.
 
     wire.encode_response writes compact JSON: ``{"predictions":[{"scores":[...]},...]}``
-    has one ``{"`` per record plus the outer one; JSON Lines has one line per record.
+    has one ``{"`` per record plus the outer one; JSON Lines has one line per record;
+    a .npy body has one row per record, which its header gives.
     """
-    if media_type.partition(";")[0].strip().lower() == wire.JSON:
+    media = media_type.partition(";")[0].strip().lower()
+    if media == wire.JSON:
         return body.count(b'{"') - 1
+    if media == wire.NPY:
+        return wire.npy_rows(body)
     return body.count(b"\n")
 
 

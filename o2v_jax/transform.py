@@ -113,6 +113,11 @@ def settings(predictor, *, content_type: str = wire.JSONLINES, accept: str | Non
         response_type = wire.negotiate(accept, request_type)
     except wire.WireError as e:
         raise TransformError(str(e)) from None
+    if response_type == wire.NPY:
+        raise TransformError(
+            f"--accept {wire.NPY} is for one response per request (o2v serve, "
+            f"Predictor.invoke); batch transform writes one JSON line per input line: use "
+            f"{wire.JSONLINES} or {wire.JSON}")
     if request_type == wire.JSON and response_type == wire.JSONLINES:
         raise TransformError(
             f"--accept {wire.JSONLINES} needs --content-type {wire.JSONLINES}: with {wire.JSON} "

@@ -26,6 +26,7 @@ numbers from 1, counting blank lines, as an editor shows them).
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import logging
 import re
@@ -46,6 +47,10 @@ JSONLINES = "application/jsonlines"
 # Accept, answered as JSONLINES.
 JSONLINES_ALIASES = ("application/x-jsonlines", "application/jsonl", "application/x-ndjson")
 _CANONICAL = {JSON: JSON, JSONLINES: JSONLINES, **{a: JSONLINES for a in JSONLINES_ALIASES}}
+# A response type beyond SageMaker's documented two (docs/inference.md): the float32
+# (N, K) array in NumPy's .npy format, what the SageMaker Python SDK's NumpyDeserializer
+# reads. Chosen only when Accept names it; wildcards keep the JSON types.
+NPY = "application/x-npy"
 CHARSETS = ("utf-8", "utf8")
 # Spec §5.4: each infer_max_seqlens value is an integer in [1, 5000].
 INFER_MAX_SEQLEN_RANGE = (1, 5000)
@@ -229,17 +234,18 @@ def negotiate(accept: str | None, request_type: str) -> str:
     """Pick the response type from an Accept header (RFC 9110 §12.5.1, q-values honoured).
 
     No header, ``*/*`` or ``application/*`` answer in the request's own format; an
-    explicit type wins over a wildcard; on equal q the request's format wins.
+    explicit type wins over a wildcard; on equal q the request's format wins. NPY is
+    offered only to an Accept that names it.
 
     Args:
         accept: the Accept header or None.
         request_type: the request's media type (JSON, JSONLINES or an alias).
 
     Returns:
-        JSON or JSONLINES.
+        JSON, JSONLINES or NPY.
 
     Raises:
-        WireError(406): the header allows neither type.
+        WireError(406): the header allows none of them.
     """
     own = _CANONICAL.get(request_type, JSON)
     if accept is None or not accept.strip():
@@ -254,12 +260,12 @@ def negotiate(accept: str | None, request_type: str) -> str:
         if not 0.0 <= q <= 1.0:
             continue
         kind, _, sub = media.partition("/")
-        for offer in (JSON, JSONLINES):
-            if media == "*/*":
+        for offer in (JSON, JSONLINES, NPY):
+            if media == "*/*" and offer != NPY:
                 spec = 0
-            elif kind == "application" and sub == "*":
+            elif kind == "application" and sub == "*" and offer != NPY:
                 spec = 1
-            elif _CANONICAL.get(media) == offer:
+            elif _CANONICAL.get(media, media) == offer:
                 spec = 2
             else:
                 continue
@@ -271,7 +277,8 @@ def negotiate(accept: str | None, request_type: str) -> str:
     )
     if not ranked:
         raise WireError(
-            406, f"Accept {accept!r} allows no type this endpoint returns; use {JSON} or {JSONLINES}"
+            406, f"Accept {accept!r} allows no type this endpoint returns; use {JSON}, "
+                 f"{JSONLINES} or {NPY}"
         )
     return ranked[0][2]
 
@@ -529,16 +536,19 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
         mode: "scores" or "embeddings".
         values: float32 (N, K): softmax probabilities or [regression value] (K = 1)
             per row for scores, embeddings (K = H) otherwise.
-        media_type: JSON (``{"predictions": [...]}``) or JSONLINES (one record per line,
-            each ending in a newline); aliases accepted.
+        media_type: JSON (``{"predictions": [...]}``), JSONLINES (one record per line,
+            each ending in a newline; aliases accepted) or NPY (the (N, K) float32
+            array as a .npy file).
 
     Returns:
-        The response body. Floats print as their shortest float32 round-trip decimals;
-        NaN and inf (a model bug) print as null and are logged.
+        The response body. JSON floats print as their shortest float32 round-trip
+        decimals; NaN and inf (a model bug) print as null in JSON, stay as they are in
+        NPY, and are logged.
     """
-    media = _CANONICAL.get(media_type)
+    media = NPY if media_type == NPY else _CANONICAL.get(media_type)
     if media is None:
-        raise WireError(406, f"cannot encode a response as {media_type!r}; use {JSON} or {JSONLINES}")
+        raise WireError(406, f"cannot encode a response as {media_type!r}; use {JSON}, "
+                             f"{JSONLINES} or {NPY}")
     if mode not in _RECORDS:
         raise ValueError(f"mode must be 'scores' or 'embeddings', got {mode!r}")
     values = np.asarray(values)
@@ -551,10 +561,24 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
                     np.flatnonzero(bad.any(axis=1))[:5].tolist())  # fmt: skip
     # orjson writes float32 arrays in C with the shortest float32 digits (Ryu), NaN and
     # inf as null; the rows are views, so no Python float is ever made.
+    if media == NPY:
+        out = io.BytesIO()
+        np.save(out, x, allow_pickle=False)
+        return out.getvalue()
     records = [{mode: row} for row in x]
     if media == JSON:
         return orjson.dumps({"predictions": records}, option=_NUMPY)
     return b"".join([orjson.dumps(r, option=_LINE) for r in records])
+
+
+def npy_rows(body: bytes) -> int:
+    """The row count of an NPY response body, read from its header alone."""
+    f = io.BytesIO(body)
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, _ = read(f)
+    return int(shape[0])
 
 
 def encode_lines(mode: str, values: np.ndarray) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -379,7 +380,8 @@ def test_ping_answers_503_at_once_then_200_with_empty_body():
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "application/jsonlines"])
-@pytest.mark.parametrize("accept", [None, "application/json", "application/jsonlines"])
+@pytest.mark.parametrize("accept", [None, "application/json", "application/jsonlines",
+                                    "application/x-npy"])
 @pytest.mark.parametrize("records", [PAIRS, EMBED], ids=["scores", "embeddings"])
 def test_invocations_formats_on_one_keep_alive_connection(content_type, accept, records):
     with serving(FakePredictor()) as (_, port):
@@ -400,6 +402,10 @@ def test_invocations_formats_on_one_keep_alive_connection(content_type, accept, 
             assert conn.sock is sock  # http.client reconnects silently if the server closed
             if want_type == "application/json":
                 values = [p[key] for p in json.loads(out)["predictions"]]
+            elif want_type == "application/x-npy":  # the float32 array itself
+                values = np.load(io.BytesIO(out), allow_pickle=False)
+                assert values.dtype == np.float32
+                assert server.count_records(out, want_type) == len(records)
             else:
                 values = [json.loads(line)[key] for line in out.decode().splitlines()]
             assert_values(values, records)

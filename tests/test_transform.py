@@ -146,6 +146,7 @@ def test_accept_json_wraps_each_line(predictor, tmp_path):
     ({"content_type": "text/csv"}, "unsupported content type 'text/csv'"),
     ({"content_type": wire.JSON, "accept": wire.JSONLINES}, "needs --content-type"),
     ({"accept": "text/csv"}, "allows no type"),
+    ({"accept": wire.NPY}, "one JSON line per input line"),
     ({"max_payload_mb": 0}, "max payload 0 MB is invalid"),
     ({"content_type": "application/jsonlines; infer_max_seqlens=0,3"}, "infer_max_seqlens"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -107,6 +108,25 @@ def test_response_shapes_are_the_documented_ones():
     assert wire.encode_lines("scores", np.zeros((0, 3), np.float32)) == b""
     # Aliases answer in the one JSON Lines format.
     assert wire.encode_response("scores", values[:1], "application/x-ndjson") == b'{"scores":[0.25,0.75]}\n'
+
+
+def test_npy_responses_are_the_float32_array_bit_for_bit():
+    # The .npy extension (Accept: application/x-npy): what numpy.load (and the SageMaker
+    # SDK's NumpyDeserializer) reads back is exactly the array, NaN and all.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    x[1, 2] = np.nan
+    for mode in ("scores", "embeddings"):
+        body = wire.encode_response(mode, x, wire.NPY)
+        back = np.load(io.BytesIO(body), allow_pickle=False)
+        assert back.dtype == np.float32 and back.shape == (5, 7)
+        np.testing.assert_array_equal(back.view(np.uint32), x.view(np.uint32))
+        assert wire.npy_rows(body) == 5
+    empty = wire.encode_response("embeddings", np.zeros((0, 4), np.float32), wire.NPY)
+    assert np.load(io.BytesIO(empty)).shape == (0, 4) and wire.npy_rows(empty) == 0
+    with pytest.raises(WireError) as e:
+        wire.encode_response("embeddings", x, "application/x-npz")
+    assert e.value.status == 406
 
 
 # --- the AWS page's examples ----------------------------------------------------------
@@ -347,6 +367,12 @@ NEGOTIATION = [
     ("*/*;q=0", JSON, 406),
     ("application/json;q=abc", JSON, 406),  # malformed entries are ignored
     ("application/json;q=abc, application/jsonlines", JSON, JSONLINES),
+    # The .npy extension only when named: wildcards keep SageMaker's JSON types.
+    ("application/x-npy", JSON, wire.NPY),
+    ("application/x-npy", JSONLINES, wire.NPY),
+    ("application/json;q=0.5, application/x-npy", JSON, wire.NPY),
+    ("application/x-npy;q=0.5, */*", JSONLINES, JSONLINES),
+    ("application/x-npy;q=0", JSON, 406),
 ]
 
 
@@ -355,7 +381,8 @@ def test_accept_negotiation(accept, request_type, expected):
     if expected == 406:
         with pytest.raises(WireError) as e:
             wire.negotiate(accept, request_type)
-        assert e.value.status == 406 and "application/json or application/jsonlines" in e.value.message
+        assert e.value.status == 406
+        assert "use application/json, application/jsonlines or application/x-npy" in e.value.message
     else:
         assert wire.negotiate(accept, request_type) == expected
 
