@@ -1,20 +1,22 @@
 """Inference wire formats: request bodies in, response bodies out (spec §5).
 
-Pure Python + numpy, msgspec for requests and orjson for responses (no jax): the server,
-batch transform and tests share it.
+Pure Python + numpy, msgspec for requests and orjson for JSON responses (no jax): the
+server, batch transform and tests share it.
 docs/inference.md shows every request and response shape and the error catalogue.
 
 API::
 
-    JSON, JSONLINES                      canonical media types
+    JSON, JSONLINES                      canonical media types (SageMaker's)
+    NPY                                  application/x-npy responses (our extension)
     WireError(ValueError)                .status (400/406/413/415), .message, .path
     Request                              frozen: mode, encoder, in0, in1, media_type,
                                          seq_lens, truncated; len() = instance count
     parse_media_type(header) -> (type, params)
     decode_request(body, content_type, *, vocab_sizes, max_seq_lens,
                    max_bytes=None, first_line=1) -> Request
-    negotiate(accept, request_type) -> JSON | JSONLINES
+    negotiate(accept, request_type) -> JSON | JSONLINES | NPY
     encode_response(mode, values, media_type) -> bytes
+    npy_rows(body) -> int                # rows of an NPY body, from its header
     encode_lines(mode, values) -> bytes  # JSON Lines, one record per row
     iter_lines(body, first_line=1) -> Iterator[(line_number, line_bytes)]
 
@@ -559,12 +561,12 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
     if bad.any():
         log.warning("%d non-finite %s values (rows %s...) encoded as null", bad.sum(), mode,
                     np.flatnonzero(bad.any(axis=1))[:5].tolist())  # fmt: skip
-    # orjson writes float32 arrays in C with the shortest float32 digits (Ryu), NaN and
-    # inf as null; the rows are views, so no Python float is ever made.
     if media == NPY:
         out = io.BytesIO()
         np.save(out, x, allow_pickle=False)
         return out.getvalue()
+    # orjson writes float32 arrays in C with the shortest float32 digits (Ryu), NaN and
+    # inf as null; the rows are views, so no Python float is ever made.
     records = [{mode: row} for row in x]
     if media == JSON:
         return orjson.dumps({"predictions": records}, option=_NUMPY)
