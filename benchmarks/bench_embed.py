@@ -138,13 +138,7 @@ def _items(x):
 def stream_bandwidth(mib: int = 512, repeat: int = 5) -> float:
     """Bytes/s of a numpy streaming read (sum) of a ``mib`` MiB float32 array."""
     a = np.ones(mib * (1 << 20) // 4, np.float32)
-    a.sum()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t)
-    return a.nbytes / common.median(times)
+    return a.nbytes / common.median(common.interleaved({"sum": a.sum}, repeat)["sum"])
 
 
 def device_bandwidth(mib: int = 2048, repeat: int = 9) -> float:
@@ -155,12 +149,7 @@ def device_bandwidth(mib: int = 2048, repeat: int = 9) -> float:
 
     a = jnp.ones(mib * (1 << 20) // 4, jnp.float32)
     total = jax.jit(jnp.sum)
-    total(a).block_until_ready()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        total(a).block_until_ready()
-        times.append(time.perf_counter() - t)
+    times = common.interleaved({"sum": lambda: total(a).block_until_ready()}, repeat)["sum"]
     return a.nbytes / common.median(times)
 
 

@@ -79,31 +79,20 @@ def movielens_hp() -> tuple[dict[str, str], str]:
 
 def stream(data, config, seed: int = 0, only_shape=None):
     """train()'s per-epoch host work, forever: negative sampling, then shuffled batches."""
-    from o2v_jax.buckets import batches
-    from o2v_jax.data import negative_pairs
-    from o2v_jax.train import _epoch_seed
+    from o2v_jax.train import epoch_batches
 
     for epoch in itertools.count():
-        epoch_data = data
-        if config.negative_sampling_rate > 0:
-            rng = np.random.default_rng(_epoch_seed(seed, epoch, 1))
-            epoch_data = negative_pairs(data, config.negative_sampling_rate, rng)
-        for batch in batches(epoch_data, config, shuffle_seed=_epoch_seed(seed, epoch, 0)):
+        for batch in epoch_batches(data, config, seed, epoch)[1]:
             if only_shape is None or (batch.in0.shape[1], batch.in1.shape[1]) == only_shape:
                 yield batch
 
 
 def shapes_of_one_epoch(data, config, seed: int = 99) -> dict[tuple[int, int], object]:
     """One batch of every (L0, L1) bucket shape an epoch has (host work only)."""
-    from o2v_jax.buckets import batches
-    from o2v_jax.data import negative_pairs
-    from o2v_jax.train import _epoch_seed
+    from o2v_jax.train import epoch_batches
 
-    if config.negative_sampling_rate > 0:
-        data = negative_pairs(data, config.negative_sampling_rate,
-                               np.random.default_rng(_epoch_seed(seed, 0, 1)))
     out = {}
-    for batch in batches(data, config, shuffle_seed=_epoch_seed(seed, 0, 0)):
+    for batch in epoch_batches(data, config, seed, 0)[1]:
         out.setdefault((batch.in0.shape[1], batch.in1.shape[1]), batch)
     return out
 

@@ -445,6 +445,9 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
         vocab = table.shape[0]
         per_row = lambda x: x.ndim > 0 and x.shape[0] == vocab  # noqa: E731 - state leaves of table shape
         mask = keep.get(name)
+        # One shot: device_rows' ids are sorted and distinct (padding too), so the
+        # scatters need no atomics. Chunks: host rows repeat V as padding.
+        hint = {"indices_are_sorted": True, "unique_indices": True} if one_shot else {}
 
         def body(i, carry):
             table, state = carry
@@ -455,9 +458,6 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
             up, st = tx.update(g, st, p)
             if mask is not None:
                 up = up * mask.at[idx].get(mode="clip")
-            # One shot: device_rows' ids are sorted and distinct (padding too), so the
-            # scatters need no atomics. Chunks: host rows repeat V as padding.
-            hint = {"indices_are_sorted": True, "unique_indices": True} if one_shot else {}
             table = table.at[idx].add(up, mode="drop", **hint)
             # Scalar leaves (Adam's step count) are written after the loop, once.
             state = jax.tree.map(lambda full, part: full.at[idx].set(part, mode="drop", **hint)
@@ -637,6 +637,18 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
+def epoch_batches(train_data: PairData, config: Config, seed: int,
+                  epoch: int) -> tuple[int, Iterator[Batch]]:
+    """One training epoch's host work: ``(records, batches)``, the channel plus this
+    epoch's negatives (:func:`~o2v_jax.data.negative_pairs`, when the config samples
+    them), batched in this epoch's shuffled order. Depends only on (seed, epoch)."""
+    data = train_data
+    if config.negative_sampling_rate > 0:
+        rng = np.random.default_rng(_epoch_seed(seed, epoch, 1))
+        data = negative_pairs(train_data, config.negative_sampling_rate, rng)
+    return len(data), batches(data, config, shuffle_seed=_epoch_seed(seed, epoch, 0))
+
+
 def _progress(total: int, desc: str, enabled: bool | None):
     from tqdm import tqdm
 
@@ -708,14 +720,10 @@ def train(
         if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
             return TrainResult(model_dir, epoch, -1, history, None, False)
         t0 = time.perf_counter()
-        data = train_data
-        if config.negative_sampling_rate > 0:
-            rng = np.random.default_rng(_epoch_seed(seed, epoch, 1))
-            data = negative_pairs(train_data, config.negative_sampling_rate, rng)
+        records, epoch_iter = epoch_batches(train_data, config, seed, epoch)
         parts = []
-        with _progress(len(data), f"epoch {epoch}", progress) as bar:
-            epoch_batches = batches(data, config, shuffle_seed=_epoch_seed(seed, epoch, 0))
-            for batch, real, step in staged(epoch_batches, global_step):
+        with _progress(records, f"epoch {epoch}", progress) as bar:
+            for batch, real, step in staged(epoch_iter, global_step):
                 params, opt_state, sums = steps.train_step(
                     params, opt_state, batch.in0, batch.in1, batch.labels, batch.weights,
                     dropout_root, step)
