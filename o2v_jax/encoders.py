@@ -289,8 +289,8 @@ def _lstm_step(carry, xi, w, b, real):
     return jnp.where(keep, c_new, c), jnp.where(keep, h_new, h)
 
 
-def bilstm_layer(fwd: LSTMDirection, bwd: LSTMDirection, x: jax.Array,
-                 mask: jax.Array) -> jax.Array:
+def bilstm_layer(fwd: LSTMDirection, bwd: LSTMDirection, x: jax.Array | None,
+                 mask: jax.Array, projected: jax.Array | None = None) -> jax.Array:
     """One bidirectional LSTM layer over the real tokens of each row.
 
     Both directions run in the same ``lax.scan`` (forward at step t, backward at L-1-t),
@@ -300,15 +300,22 @@ def bilstm_layer(fwd: LSTMDirection, bwd: LSTMDirection, x: jax.Array,
     result equals running the LSTM on the row's real tokens alone.
 
     Args:
-      x: float32 (B, L, D_in).
+      x: float32 (B, L, D_in); unused when ``projected`` is given.
       mask: bool (B, L).
+      projected: None, or float32 (B, L, 4 h_fwd + 4 h_bwd): the input projections
+        ``fwd.dense_i(x)`` and ``bwd.dense_i(x)`` side by side, when the caller has them
+        already (:meth:`BiLSTM.from_projection`).
 
     Returns:
       float32 (B, L, h_fwd + h_bwd); padded positions hold carried-over states.
     """
-    batch = x.shape[0]
-    xf = jnp.swapaxes(fwd.dense_i(x), 0, 1)  # (L, B, 4 h_fwd), time-major for scan
-    xb = jnp.swapaxes(bwd.dense_i(x), 0, 1)[::-1]  # (L, B, 4 h_bwd), reversed time
+    if projected is None:
+        pf, pb = fwd.dense_i(x), bwd.dense_i(x)
+    else:
+        pf, pb = jnp.split(projected, [4 * fwd.hidden], axis=-1)
+    batch = mask.shape[0]
+    xf = jnp.swapaxes(pf, 0, 1)  # (L, B, 4 h_fwd), time-major for scan
+    xb = jnp.swapaxes(pb, 0, 1)[::-1]  # (L, B, 4 h_bwd), reversed time
     mf = mask.T  # (L, B)
     mb = mf[::-1]
     wf, bf = fwd.dense_h.kernel[...], fwd.dense_h.bias[...]
@@ -321,7 +328,7 @@ def bilstm_layer(fwd: LSTMDirection, bwd: LSTMDirection, x: jax.Array,
         carry_b = _lstm_step(carry_b, xb_t, wb, bb, mb_t)
         return (carry_f, carry_b), (carry_f[1], carry_b[1])
 
-    zeros = lambda n: jnp.zeros((batch, n), x.dtype)
+    zeros = lambda n: jnp.zeros((batch, n), pf.dtype)
     init = ((zeros(fwd.hidden), zeros(fwd.hidden)), (zeros(bwd.hidden), zeros(bwd.hidden)))
     _, (hf, hb) = jax.lax.scan(step, init, (xf, xb, mf, mb))
     # hb[k] is the backward state after position L-1-k: flip it back to position order.
@@ -346,8 +353,29 @@ class BiLSTM(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """x: float32 (B, L, D), mask: bool (B, L) -> float32 (B, H)."""
-        for fwd, bwd in zip(self.fwd, self.bwd):  # `layers` <= 4: unrolled at trace time
-            x = bilstm_layer(fwd, bwd, x, mask)
+        return self._layers(x, mask, None)
+
+    def input_kernel(self) -> jax.Array:
+        """float32 (D, 4 h_fwd + 4 h_bwd): the first layer's input kernels side by side.
+
+        Row t of ``table @ input_kernel()`` is the first layer's input projection of token
+        t, so a model with fixed weights can look projections up instead of computing
+        them (predictor.py does, for inference).
+        """
+        return jnp.concatenate([self.fwd[0].dense_i.kernel[...], self.bwd[0].dense_i.kernel[...]],
+                               axis=1)
+
+    def from_projection(self, projected: jax.Array, mask: jax.Array) -> jax.Array:
+        """As ``__call__``, given the first layer's input projection instead of x.
+
+        projected: float32 (B, L, 4 h_fwd + 4 h_bwd), e.g. rows of
+        ``table @ input_kernel()``; mask: bool (B, L) -> float32 (B, H).
+        """
+        return self._layers(None, mask, projected)
+
+    def _layers(self, x: jax.Array | None, mask: jax.Array, projected: jax.Array | None) -> jax.Array:
+        for layer, (fwd, bwd) in enumerate(zip(self.fwd, self.bwd)):  # <= 4: unrolled at trace time
+            x = bilstm_layer(fwd, bwd, x, mask, projected if layer == 0 else None)
         return masked_max(x, mask)
 
 

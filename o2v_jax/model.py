@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from o2v_jax.config import Config
-from o2v_jax.encoders import PooledEmbedding, dropout, make_encoder
+from o2v_jax.encoders import BiLSTM, PooledEmbedding, dropout, make_encoder
 
 log = logging.getLogger("o2v_jax")
 
@@ -115,7 +115,8 @@ class Object2Vec(nnx.Module):
         self.output = nnx.Linear(width, config.num_outputs, rngs=rngs)
 
     def encode(self, tokens: jax.Array, side: int, *,
-               dropout_key: jax.Array | None = None) -> jax.Array:
+               dropout_key: jax.Array | None = None,
+               projection: jax.Array | None = None) -> jax.Array:
         """One side's embedding.
 
         Args:
@@ -123,6 +124,8 @@ class Object2Vec(nnx.Module):
           side: 0 (enc0, for in0) or 1 (enc1, for in1).
           dropout_key: None for deterministic output, else the key for this side's
             output dropout.
+          projection: a bilstm side's :meth:`token_projection`, precomputed for fixed
+            weights (inference); its rows replace the first layer's input matmul.
 
         Returns:
           float32 (B, H).
@@ -134,10 +137,21 @@ class Object2Vec(nnx.Module):
         if isinstance(encoder, PooledEmbedding):
             # Pooled straight from ids: no (B, L, D) intermediate (encoders.py says why).
             u = encoder.from_ids(embed.embedding[...], tokens)
+        elif projection is not None:
+            u = encoder.from_projection(jnp.take(projection, tokens, axis=0), tokens != 0)
         else:
             x = embed(tokens)  # (B, L, D); a gather (jnp.take)
             u = encoder(x, tokens != 0)
         return dropout(u, self.dropout_rate, dropout_key)
+
+    def token_projection(self, side: int) -> jax.Array | None:
+        """float32 (V, 4 h_fwd + 4 h_bwd) for a bilstm side: every token's first-layer
+        input projection (``table @ BiLSTM.input_kernel()``); None for other encoders."""
+        embed, encoder = (self.embed0, self.enc0) if side == 0 else (self.embed1, self.enc1)
+        if not isinstance(encoder, BiLSTM):
+            return None
+        return jnp.matmul(embed.embedding[...], encoder.input_kernel(),
+                          precision=jax.lax.Precision.HIGHEST)
 
     def __call__(self, in0: jax.Array, in1: jax.Array, *,
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:

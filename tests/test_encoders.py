@@ -155,6 +155,24 @@ def test_bilstm_matches_a_reference_on_unpadded_sequences(layers):
         np.testing.assert_allclose(got[row], h.max(axis=0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bilstm_from_projection_equals_the_call_on_embeddings(layers):
+    # The predictor looks up rows of table @ input_kernel() instead of projecting x:
+    # the same numbers must come out, with unequal directions (7 = 4 + 3) and padding.
+    rng = np.random.default_rng(3)
+    enc = BiLSTM(5, 7, layers, rngs=nnx.Rngs(1))
+    table = rng.normal(size=(11, 5)).astype(np.float32)
+    tokens = np.array([[3, 1, 4, 1, 5, 9], [2, 6, 0, 0, 0, 0], [0] * 6])
+    mask = jnp.asarray(tokens != 0)
+    want = np.asarray(enc(jnp.asarray(table[tokens]), mask))
+    kernel = enc.input_kernel()
+    assert kernel.shape == (5, 4 * 4 + 4 * 3)
+    got = np.asarray(enc.from_projection(jnp.asarray(table @ np.asarray(kernel))[tokens], mask))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got[2], 0.0)  # all padding: the empty max-pool
+    assert np.abs(got[:2]).min() > 0
+
+
 def test_dropout_keep_mask_rate_and_keys():
     from o2v_jax.encoders import keep_mask
 

@@ -155,6 +155,29 @@ def test_embed_is_bucket_and_batch_invariant(tmp_path, network):
     assert np.abs(together).max() > 0
 
 
+def test_bilstm_sides_look_up_a_token_projection_table(tmp_path, monkeypatch):
+    from o2v_jax import predictor as predictor_module
+
+    model_dir = save_untrained(tmp_path / "m", enc0_network="bilstm", enc0_token_embedding_dim=6,
+                               enc0_layers=2, enc_dim=7, enc1_network="hcnn",
+                               enc1_max_seq_len=12, enc1_vocab_size=VOCAB,
+                               enc1_token_embedding_dim=6)
+    p = load(model_dir, **SMALL)
+    table = p._parts[0].params["projection"]
+    assert table.shape == (VOCAB, 4 * 7) and "projection" not in p._parts[1].params
+    monkeypatch.setattr(predictor_module, "PROJECTION_MAX_BYTES", VOCAB * 4 * 7 * 4 - 1)
+    plain = load(model_dir, **SMALL)  # one byte over the cap: the matmul in every call
+    assert "projection" not in plain._parts[0].params
+    rng = np.random.default_rng(4)
+    seqs = random_seqs(rng, 19)
+    got = p.embed(seqs)
+    np.testing.assert_allclose(got, plain.embed(seqs), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got, np.asarray(reference(model_dir).encode(padded(seqs), 0)),
+                               atol=ATOL, rtol=0)
+    pairs = p.predict(seqs, seqs)
+    np.testing.assert_allclose(pairs, plain.predict(seqs, seqs), atol=ATOL, rtol=0)
+
+
 def test_embed_and_predict_equal_the_training_model(model_dir, predictor):
     model = reference(model_dir)
     rng = np.random.default_rng(2)
