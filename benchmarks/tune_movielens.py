@@ -16,7 +16,7 @@ RMSE per epoch, the best epoch and the seconds.
 
 Trials run one after another (the machine is shared); a trial is 10-50 s on 2 cores
 (rating-bag layouts: 1-4 minutes). Keys starting with "_" pick the variant rather than a
-hyperparameter: "_seed" (default 0), and "_layout", "_id_repeat", "_keep", "_target",
+hyperparameter: "_seed" (default 0), and "_layout", "_id_repeat", "_keep", "_bag", "_target",
 "_ensemble" (see `trial`).
 """
 
@@ -116,6 +116,11 @@ ROUNDS: list[list[dict]] = [
         "learning_rate": lr, "dropout": d}
        for e, wd, lr, d in ((14, 0.0005, 0.05, 0.1), (14, 0.002, 0.05, 0.1), (16, 0.0005, 0.2, 0.1),
                             (16, 0.0001, 0.1, 0.3), (30, 0.0005, 0.05, 0.1))],
+    # 11. (fifth session) SVD++'s own implicit set: the user's bag holds the movies rated,
+    # not (movie, rating) pairs, so each bag token is shared by ~50 users.
+    [{"_layout": "profile-user", "_bag": "implicit", "_id_repeat": "sqrt", "epochs": e,
+      "weight_decay": wd, "learning_rate": lr}
+     for e, wd, lr in ((16, 0.0005, 0.05), (16, 0.002, 0.05), (30, 0.0005, 0.2))],
 ]
 
 
@@ -148,7 +153,7 @@ def tuning_split(cache_dir: Path | None = None) -> tuple[PairData, PairData]:
 
 
 def bags(owner: np.ndarray, other: np.ndarray, rating: np.ndarray, q_owner: np.ndarray,
-         *, n_owner: int, exclude: bool, id_repeat: str) -> Ragged:
+         *, n_owner: int, exclude: bool, id_repeat: str, implicit: bool = False) -> Ragged:
     """Each query's owner as a bag: its id token(s), then one token per rating it gave or got.
 
     For a user, ``[user, ..., (item, rating), ...]`` over the user's `fit` ratings; for an
@@ -157,10 +162,15 @@ def bags(owner: np.ndarray, other: np.ndarray, rating: np.ndarray, q_owner: np.n
     fit rows themselves (``q_owner`` = ``owner``) and each drops its own rating from its
     bag, so the label is never an input; otherwise a query sees all its owner's ratings. ``id_repeat="sqrt"`` repeats the id round(sqrt(n))
     times: under mean pooling that weighs the id against the bag as SVD++ weighs
-    p_u against n^-1/2 sum(y_j), instead of 1/(n+1).
+    p_u against n^-1/2 sum(y_j), instead of 1/(n+1). ``implicit``: one token per rated
+    other, whatever the rating (``n_owner + other``): SVD++'s y_j, which only says what
+    was rated.
     """
     order = np.argsort(owner, kind="stable")
-    token = (n_owner + 1 + (other[order] - 1) * 5 + (rating[order].astype(np.int64) - 1))
+    if implicit:
+        token = n_owner + other[order].astype(np.int64)
+    else:
+        token = (n_owner + 1 + (other[order] - 1) * 5 + (rating[order].astype(np.int64) - 1))
     counts = np.bincount(owner, minlength=n_owner + 1)
     starts = np.r_[0, np.cumsum(counts)[:-1]]
     n = counts[q_owner] - exclude
@@ -187,8 +197,8 @@ def thin(data: Ragged, keep: float, rng: np.random.Generator, n_owner: int) -> R
     return Ragged(data.tokens[m], ends[data.offsets].astype(np.int64))
 
 
-def layout(fit: PairData, tune: PairData, kind: str, id_repeat: str, keep: float
-           ) -> tuple[PairData, PairData, dict]:
+def layout(fit: PairData, tune: PairData, kind: str, id_repeat: str, keep: float,
+           implicit: bool = False) -> tuple[PairData, PairData, dict]:
     """(fit, tune, hyperparameter overrides) for the `_layout` trial key."""
     user, item, rating = fit.in0.tokens, fit.in1.tokens, fit.labels
     sides = {"profile": (True, True), "profile-user": (True, False)}[kind]
@@ -202,11 +212,13 @@ def layout(fit: PairData, tune: PairData, kind: str, id_repeat: str, keep: float
             if not on:
                 sides_data.append(Ragged(q_own.astype(np.int32), np.arange(len(q_own) + 1, dtype=np.int64)))
                 continue
-            r = bags(owner, other, rating, q_own, n_owner=n_owner, exclude=exclude, id_repeat=id_repeat)
+            r = bags(owner, other, rating, q_own, n_owner=n_owner, exclude=exclude,
+                     id_repeat=id_repeat, implicit=implicit)
             if exclude and keep < 1:
                 r = thin(r, keep, np.random.default_rng(side), n_owner)
             sides_data.append(r)
-            hp |= {f"enc{side}_vocab_size": n_owner + 1 + n_other * 5, f"enc{side}_max_seq_len": 1000}
+            vocab = n_owner + 1 + n_other * (1 if implicit else 5)
+            hp |= {f"enc{side}_vocab_size": vocab, f"enc{side}_max_seq_len": 1000}
         data = fit if exclude else tune
         out.append(PairData(sides_data[0], sides_data[1], data.labels, data.source))
     return out[0], out[1], hp
@@ -220,7 +232,8 @@ def trial(overrides: dict, fit: PairData, tune: PairData, seed: int = 0) -> dict
 
     ``_layout``: "ids" (the notebook's records), "profile" (both sides as rating bags,
     see :func:`bags`) or "profile-user" (in0 only); ``_id_repeat``: "one" or "sqrt";
-    ``_keep``: thin each fit bag once to this fraction; ``_target``: "regression" or
+    ``_keep``: thin each fit bag once to this fraction; ``_bag``: "ratings" (a token
+    per (other, rating), the default) or "implicit" (a token per rated other); ``_target``: "regression" or
     "softmax5" (rating - 1 as 5 classes, scored by the expected rating, last epoch);
     ``_ensemble``: average the last-epoch predictions of seeds 0..n-1.
     """
@@ -236,7 +249,7 @@ def trial(overrides: dict, fit: PairData, tune: PairData, seed: int = 0) -> dict
     hp |= {"early_stopping_patience": "5", "early_stopping_tolerance": "1e-6"}
     if special.get("_layout", "ids") != "ids":
         fit, tune, extra = layout(fit, tune, special["_layout"], special.get("_id_repeat", "one"),
-                                  special.get("_keep", 1.0))
+                                  special.get("_keep", 1.0), special.get("_bag") == "implicit")
         hp |= {k: str(v) for k, v in extra.items()}
     softmax = special.get("_target") == "softmax5"
     if softmax:
