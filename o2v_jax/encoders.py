@@ -250,14 +250,59 @@ class HCNN(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """x: float32 (B, L, D), mask: bool (B, L) -> float32 (B, H)."""
+        return self._layers(x, mask, None)
+
+    def input_kernel(self) -> jax.Array:
+        """float32 (D, w * F_0): the first conv's taps side by side, tap j in columns
+        [j F_0, (j+1) F_0). Row t of ``table @ input_kernel()`` holds what token t adds
+        to the first conv's output through each tap (predictor.py looks it up)."""
+        kernel = self.convs[0].kernel[...]  # (w, D, F_0)
+        width, d, filters = kernel.shape
+        return jnp.transpose(kernel, (1, 0, 2)).reshape(d, width * filters)
+
+    def from_projection(self, projected: jax.Array, mask: jax.Array) -> jax.Array:
+        """As ``__call__``, given each position's token projection instead of x.
+
+        projected: float32 (B, L, w * F_0), e.g. rows of ``table @ input_kernel()``;
+        mask: bool (B, L) -> float32 (B, H).
+        """
+        return self._layers(None, mask, projected)
+
+    def _layers(self, x: jax.Array | None, mask: jax.Array, projected: jax.Array | None) -> jax.Array:
         real = mask[:, :, None]
         pooled = []
-        for conv in self.convs:  # `layers` <= 4: unrolled at trace time
+        for layer, conv in enumerate(self.convs):  # `layers` <= 4: unrolled at trace time
             # Zeroing padded positions before every conv makes them exactly the zero
             # 'SAME' padding an unpadded sequence would get, so real outputs don't change.
-            x = jax.nn.relu(conv(jnp.where(real, x, 0.0)))  # (B, L, F_l)
+            if layer == 0 and projected is not None:
+                x = jax.nn.relu(_conv_from_taps(conv, jnp.where(real, projected, 0.0)))
+            else:
+                x = jax.nn.relu(conv(jnp.where(real, x, 0.0)))  # (B, L, F_l)
             pooled.append(masked_max(x, mask))
         return jnp.concatenate(pooled, axis=-1)
+
+
+def _conv_from_taps(conv: nnx.Conv, taps: jax.Array) -> jax.Array:
+    """A 'SAME' 1-D convolution (stride 1) from per-position tap outputs.
+
+    taps: float32 (B, L, w * F): tap j's output for each position's input, x_s @ W[j].
+    Output t is bias + sum_j taps[t + j - (w - 1) // 2, j] (zero outside [0, L)), the
+    cross-correlation that ``conv`` computes, with lax's 'SAME' split of the padding.
+    """
+    batch, length, _ = taps.shape
+    width, filters = conv.kernel.shape[0], conv.kernel.shape[2]
+    taps = taps.reshape(batch, length, width, filters)
+    low = (width - 1) // 2
+    out = jnp.zeros((batch, length, filters), taps.dtype)
+    for j in range(width):  # w <= 9: unrolled at trace time
+        shift = j - low  # output t reads position t + shift
+        z = taps[:, :, j]
+        if shift > 0:
+            z = jnp.pad(z[:, shift:], ((0, 0), (0, min(shift, length)), (0, 0)))
+        elif shift < 0:
+            z = jnp.pad(z[:, :shift], ((0, 0), (min(-shift, length), 0), (0, 0)))
+        out = out + z
+    return out + conv.bias[...][None, None, :] if conv.bias is not None else out
 
 
 class LSTMDirection(nnx.Module):

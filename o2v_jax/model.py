@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from o2v_jax.config import Config
-from o2v_jax.encoders import BiLSTM, PooledEmbedding, dropout, make_encoder
+from o2v_jax.encoders import HCNN, BiLSTM, PooledEmbedding, dropout, make_encoder
 
 log = logging.getLogger("o2v_jax")
 
@@ -124,8 +124,8 @@ class Object2Vec(nnx.Module):
           side: 0 (enc0, for in0) or 1 (enc1, for in1).
           dropout_key: None for deterministic output, else the key for this side's
             output dropout.
-          projection: a bilstm side's :meth:`token_projection`, precomputed for fixed
-            weights (inference); its rows replace the first layer's input matmul.
+          projection: this side's :meth:`token_projection` (bilstm, hcnn), precomputed
+            for fixed weights (inference); its rows replace the first layer's matmul.
 
         Returns:
           float32 (B, H).
@@ -145,10 +145,14 @@ class Object2Vec(nnx.Module):
         return dropout(u, self.dropout_rate, dropout_key)
 
     def token_projection(self, side: int) -> jax.Array | None:
-        """float32 (V, 4 h_fwd + 4 h_bwd) for a bilstm side: every token's first-layer
-        input projection (``table @ BiLSTM.input_kernel()``); None for other encoders."""
+        """Every token's first-layer product, ``table @ encoder.input_kernel()``.
+
+        float32 (V, 4 h_fwd + 4 h_bwd) for bilstm (the LSTM input projection), (V, w F_0)
+        for hcnn (the first conv's taps); None for pooled_embedding, which has no first
+        layer. With fixed weights :meth:`encode` can look rows up (``projection=``).
+        """
         embed, encoder = (self.embed0, self.enc0) if side == 0 else (self.embed1, self.enc1)
-        if not isinstance(encoder, BiLSTM):
+        if not isinstance(encoder, (BiLSTM, HCNN)):
             return None
         return jnp.matmul(embed.embedding[...], encoder.input_kernel(),
                           precision=jax.lax.Precision.HIGHEST)

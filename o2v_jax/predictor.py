@@ -57,9 +57,9 @@ BATCH_SIZES = (1, 8, 64, 512)  # rows per call; each length bucket uses those th
 MAX_BATCH_TOKENS = 32_768  # rows * L cap: bounds activation memory (B, L, D) per call
 CHUNK_SIZE = 65_536  # sequences converted, padded and encoded at a time
 ENCODERS = ("in0", "in1")
-# A bilstm side looks up its first layer's input projection per token (V, 4H) instead
-# of multiplying (B, L, D) by (D, 4H) in every call (2/3 of its arithmetic), when the
-# table fits in this many bytes (Predictor._add_projections).
+# bilstm and hcnn sides look up their first layer's product per token (model.
+# token_projection) instead of multiplying every (B, L, D) batch by its kernel, when
+# the table fits in this many bytes (Predictor._add_projections).
 PROJECTION_MAX_BYTES = 256 << 20
 
 # Which top-level parameter groups each compiled function reads (model.py's attribute
@@ -344,24 +344,25 @@ class Predictor:
         return parts
 
     def _add_projections(self) -> None:
-        """Give each bilstm side its token projection table (model.token_projection).
+        """Give each bilstm or hcnn side its token projection table (model.token_projection).
 
-        With fixed weights, the first layer's input projection of a token depends on the
-        token alone: one (V, D) x (D, 4H) product at load replaces a (B, L, D) x (D, 4H)
-        product per call. Skipped above PROJECTION_MAX_BYTES (large vocabularies), where
-        the table would cost more memory than it saves time.
+        With fixed weights, the first layer's product for a token (the LSTM input
+        projection, the first conv's taps) depends on the token alone: one (V, D) x (D, W)
+        product at load replaces a (B, L, D) x (D, W) product per call. Skipped above
+        PROJECTION_MAX_BYTES (large vocabularies), where the table would cost more memory
+        than it saves time.
         """
         for side in (0, 1):
-            enc = self.config.encoders[side]
-            nbytes = enc.vocab_size * 4 * self.enc_dim * 4
-            if enc.network != "bilstm" or nbytes > PROJECTION_MAX_BYTES:
-                continue
             part = self._parts[side]
-            table = jax.jit(lambda params, side=side: merge_params(
-                self._graphdef, self._full(params)).token_projection(side))(part.params)
+            project = jax.jit(lambda params, side=side: merge_params(
+                self._graphdef, self._full(params)).token_projection(side))
+            shape = jax.eval_shape(project, part.params)
+            if shape is None or np.prod(shape.shape) * 4 > PROJECTION_MAX_BYTES:
+                continue
+            table = project(part.params)
             self._parts[side] = dataclasses.replace(part, params={**part.params, "projection": table})
-            log.debug("enc%d: token projection table (%d, %d), %.0f MB", side, enc.vocab_size,
-                      4 * self.enc_dim, nbytes / 1e6)
+            log.debug("enc%d: token projection table %s, %.0f MB", side, shape.shape,
+                      table.nbytes / 1e6)
 
     def _full(self, part: dict) -> dict:
         """The whole parameter tree inside a traced function: the part's arrays, zeros

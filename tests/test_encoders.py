@@ -173,6 +173,24 @@ def test_bilstm_from_projection_equals_the_call_on_embeddings(layers):
     assert np.abs(got[:2]).min() > 0
 
 
+@pytest.mark.parametrize("width,layers", [(1, 1), (2, 2), (3, 4), (4, 1), (5, 2)])
+def test_hcnn_from_projection_equals_the_call_on_embeddings(width, layers):
+    # The first conv from looked-up taps (table @ input_kernel()), shifted and summed,
+    # must equal nnx.Conv's 'SAME' convolution, odd and even widths, padded rows too.
+    rng = np.random.default_rng(5)
+    enc = HCNN(5, 7, layers, width, rngs=nnx.Rngs(2))
+    table = rng.normal(size=(11, 5)).astype(np.float32)
+    tokens = np.array([[3, 1, 4, 1, 5, 9], [2, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [0] * 6])
+    mask = jnp.asarray(tokens != 0)
+    want = np.asarray(enc(jnp.asarray(table[tokens]), mask))
+    kernel = enc.input_kernel()
+    assert kernel.shape == (5, width * hcnn_filters(7, layers)[0])
+    got = np.asarray(enc.from_projection(jnp.asarray(table @ np.asarray(kernel))[tokens], mask))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got[3], 0.0)
+    assert np.abs(got[:3]).max() > 0
+
+
 def test_dropout_keep_mask_rate_and_keys():
     from o2v_jax.encoders import keep_mask
 

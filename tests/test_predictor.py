@@ -155,27 +155,34 @@ def test_embed_is_bucket_and_batch_invariant(tmp_path, network):
     assert np.abs(together).max() > 0
 
 
-def test_bilstm_sides_look_up_a_token_projection_table(tmp_path, monkeypatch):
+def test_bilstm_and_hcnn_sides_look_up_a_token_projection_table(tmp_path, monkeypatch):
     from o2v_jax import predictor as predictor_module
 
     model_dir = save_untrained(tmp_path / "m", enc0_network="bilstm", enc0_token_embedding_dim=6,
                                enc0_layers=2, enc_dim=7, enc1_network="hcnn",
-                               enc1_max_seq_len=12, enc1_vocab_size=VOCAB,
-                               enc1_token_embedding_dim=6)
+                               enc1_max_seq_len=12, enc1_vocab_size=VOCAB + 5,
+                               enc1_token_embedding_dim=6, enc1_layers=2, enc1_cnn_filter_width=2)
     p = load(model_dir, **SMALL)
-    table = p._parts[0].params["projection"]
-    assert table.shape == (VOCAB, 4 * 7) and "projection" not in p._parts[1].params
+    # bilstm: 4 (h_fwd + h_bwd) columns; hcnn: width 2 x 4 first-layer filters (7 = 4 + 3).
+    assert p._parts[0].params["projection"].shape == (VOCAB, 4 * 7)
+    assert p._parts[1].params["projection"].shape == (VOCAB + 5, 2 * 4)
+    # The cap is one byte below the bilstm table: it falls back to the matmul per call.
     monkeypatch.setattr(predictor_module, "PROJECTION_MAX_BYTES", VOCAB * 4 * 7 * 4 - 1)
-    plain = load(model_dir, **SMALL)  # one byte over the cap: the matmul in every call
-    assert "projection" not in plain._parts[0].params
+    capped = load(model_dir, **SMALL)
+    assert "projection" not in capped._parts[0].params and "projection" in capped._parts[1].params
+    monkeypatch.setattr(predictor_module, "PROJECTION_MAX_BYTES", 0)
+    plain = load(model_dir, **SMALL)
+    assert not any("projection" in plain._parts[side].params for side in (0, 1))
     rng = np.random.default_rng(4)
-    seqs = random_seqs(rng, 19)
-    got = p.embed(seqs)
-    np.testing.assert_allclose(got, plain.embed(seqs), atol=ATOL, rtol=0)
-    np.testing.assert_allclose(got, np.asarray(reference(model_dir).encode(padded(seqs), 0)),
-                               atol=ATOL, rtol=0)
-    pairs = p.predict(seqs, seqs)
-    np.testing.assert_allclose(pairs, plain.predict(seqs, seqs), atol=ATOL, rtol=0)
+    model = reference(model_dir)
+    for side, encoder in ((0, "in0"), (1, "in1")):
+        seqs = random_seqs(rng, 19)
+        got = p.embed(seqs, encoder=encoder)
+        np.testing.assert_allclose(got, plain.embed(seqs, encoder=encoder), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got, capped.embed(seqs, encoder=encoder), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got, np.asarray(model.encode(padded(seqs), side)), atol=ATOL, rtol=0)
+    in0, in1 = random_seqs(rng, 11), random_seqs(rng, 11)
+    np.testing.assert_allclose(p.predict(in0, in1), plain.predict(in0, in1), atol=ATOL, rtol=0)
 
 
 def test_embed_and_predict_equal_the_training_model(model_dir, predictor):
