@@ -138,7 +138,8 @@ class Object2Vec(nnx.Module):
             # Pooled straight from ids: no (B, L, D) intermediate (encoders.py says why).
             u = encoder.from_ids(embed.embedding[...], tokens)
         elif projection is not None:
-            u = encoder.from_projection(jnp.take(projection, tokens, axis=0), tokens != 0)
+            # Ids are range-checked by the caller (the predictor); clip keeps any slip defined.
+            u = encoder.from_projection(jnp.take(projection, tokens, axis=0, mode="clip"), tokens != 0)
         else:
             x = embed(tokens)  # (B, L, D); a gather (jnp.take)
             u = encoder(x, tokens != 0)

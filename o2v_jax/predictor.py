@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -357,7 +358,7 @@ class Predictor:
             project = jax.jit(lambda params, side=side: merge_params(
                 self._graphdef, self._full(params)).token_projection(side))
             shape = jax.eval_shape(project, part.params)
-            if shape is None or np.prod(shape.shape) * 4 > PROJECTION_MAX_BYTES:
+            if shape is None or math.prod(shape.shape) * shape.dtype.itemsize > PROJECTION_MAX_BYTES:
                 continue
             table = project(part.params)
             self._parts[side] = dataclasses.replace(part, params={**part.params, "projection": table})
