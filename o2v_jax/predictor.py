@@ -19,7 +19,10 @@ time (``jax.jit(fn).lower(ShapeDtypeStruct...).compile()``); padding rows are al
 and dropped; answers come back in the caller's order. ``predict`` encodes each side in
 its own buckets and then runs ``model.head`` compiled once per batch size, so pairs
 never need an (L0, L1) cross product. Large inputs are processed ``chunk_size``
-sequences at a time, so the extra memory stays bounded.
+sequences at a time, so the extra memory stays bounded. bilstm and hcnn sides gather
+their first layer's per-token product from a table computed at load
+(``model.token_projection``, up to ``PROJECTION_MAX_BYTES`` per side) instead of
+multiplying every batch by the first kernel.
 
 After :meth:`Predictor.warmup` no input of any length or count compiles anything
 (tests/test_predictor.py counts compilations). docs/inference.md has the details.
