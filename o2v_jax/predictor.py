@@ -364,7 +364,11 @@ class Predictor:
             if shape is None or math.prod(shape.shape) * shape.dtype.itemsize > PROJECTION_MAX_BYTES:
                 continue
             table = project(part.params)
-            self._parts[side] = dataclasses.replace(part, params={**part.params, "projection": table})
+            # The encode executables no longer read the token table: this part drops its
+            # reference (memory is freed unless the other side still uses the table).
+            token_table = _SIDE_GROUPS[side][0] if _SIDE_GROUPS[side][0] in part.params else "embed0"
+            params = {g: v for g, v in part.params.items() if g != token_table}
+            self._parts[side] = dataclasses.replace(part, params={**params, "projection": table})
             log.debug("enc%d: token projection table %s, %.0f MB", side, shape.shape,
                       table.nbytes / 1e6)
 

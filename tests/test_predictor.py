@@ -167,10 +167,13 @@ def test_bilstm_and_hcnn_sides_look_up_a_token_projection_table(tmp_path, monkey
     # bilstm: 4 (h_fwd + h_bwd) columns; hcnn: width 2 x 4 first-layer filters (7 = 4 + 3).
     assert p._parts[0].params["projection"].shape == (VOCAB, 4 * 7)
     assert p._parts[1].params["projection"].shape == (VOCAB + 5, 2 * 4)
+    # ... and no longer hold the token tables, which the executables do not read.
+    assert "embed0" not in p._parts[0].params and "embed1" not in p._parts[1].params
     # The cap is one byte below the bilstm table: that side falls back to the matmul.
     monkeypatch.setattr(predictor_module, "PROJECTION_MAX_BYTES", VOCAB * 4 * 7 * 4 - 1)
     capped = load(model_dir, **one_size)
     assert "projection" not in capped._parts[0].params and "projection" in capped._parts[1].params
+    assert "embed0" in capped._parts[0].params
     monkeypatch.setattr(predictor_module, "PROJECTION_MAX_BYTES", 0)
     plain = load(model_dir, **one_size)
     assert not any("projection" in plain._parts[side].params for side in (0, 1))
