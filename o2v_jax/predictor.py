@@ -238,6 +238,13 @@ def _struct(tree: Any) -> Any:
                         tree)
 
 
+def _table_group(side: int, params: dict) -> str:
+    """The parameter group holding ``side``'s token table: its own, or embed0 when the
+    tables are tied (one table, stored under embed0)."""
+    own = _SIDE_GROUPS[side][0]
+    return own if own in params else "embed0"
+
+
 # --------------------------------------------------------------------------- predictor
 
 @dataclasses.dataclass(frozen=True)
@@ -340,10 +347,8 @@ class Predictor:
                                         device), device)
 
         parts: dict[Any, _Part] = {}
-        for side, (table, encoder) in _SIDE_GROUPS.items():
-            if table not in params:  # tied tables: one table, stored under embed0
-                table = "embed0"
-            parts[side] = part((table, encoder), accel)
+        for side, (_, encoder) in _SIDE_GROUPS.items():
+            parts[side] = part((_table_group(side, params), encoder), accel)
         parts["head"] = part(_HEAD_GROUPS, head_device)
         return parts
 
@@ -366,7 +371,7 @@ class Predictor:
             table = project(part.params)
             # The encode executables no longer read the token table: this part drops its
             # reference (memory is freed unless the other side still uses the table).
-            token_table = _SIDE_GROUPS[side][0] if _SIDE_GROUPS[side][0] in part.params else "embed0"
+            token_table = _table_group(side, part.params)
             params = {g: v for g, v in part.params.items() if g != token_table}
             self._parts[side] = dataclasses.replace(part, params={**params, "projection": table})
             log.debug("enc%d: token projection table %s, %.0f MB", side, shape.shape,

@@ -559,8 +559,9 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
     x = np.ascontiguousarray(values, dtype=np.float32)
     bad = ~np.isfinite(x)
     if bad.any():
-        log.warning("%d non-finite %s values (rows %s...) encoded as null", bad.sum(), mode,
-                    np.flatnonzero(bad.any(axis=1))[:5].tolist())  # fmt: skip
+        log.warning("%d non-finite %s values (rows %s...) encoded as %s", bad.sum(), mode,
+                    np.flatnonzero(bad.any(axis=1))[:5].tolist(),
+                    "they are (.npy)" if media == NPY else "null")  # fmt: skip
     if media == NPY:
         out = io.BytesIO()
         np.save(out, x, allow_pickle=False)
