@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -106,6 +107,74 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     out = np.zeros(lengths.size + 1, np.int64)
     np.cumsum(lengths, out=out[1:])
     return out
+
+
+# ------------------------------------------------------------------ inference inputs
+# Shared by Predictor (Python lists and arrays) and the wire layer (JSON, .npz bodies).
+
+
+class TokenRangeError(ValueError):
+    """A token id outside [0, vocab): sequence ``row``, position ``position`` holds ``value``."""
+
+    def __init__(self, row: int, position: int, value: int, vocab: int):
+        super().__init__(row, position, value, vocab)
+        self.row, self.position, self.value, self.vocab = row, position, value, vocab
+
+
+def unpad(arr: np.ndarray, lengths: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The real ids of a 2-D integer (N, L) array, row after row, and each row's length.
+
+    Without ``lengths`` the rows are 0-padded on the right (id 0 is padding): a row runs to
+    its last non-zero id. ``lengths`` (N,) gives the real lengths instead.
+
+    Returns:
+        (ids (T,) in ``arr``'s dtype, int64 lengths (N,)).
+
+    Raises:
+        TypeError: ``arr`` is not a 2-D integer array.
+        ValueError: ``lengths`` is not N integers in [0, L].
+    """
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"an array input must be 2-D integer (N, L), got {arr.dtype}{arr.shape}")
+    if lengths is None:
+        nonzero = arr != 0
+        lens = np.where(nonzero.any(axis=1), arr.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    else:
+        lens = np.asarray(lengths)
+        if lens.shape != (arr.shape[0],) or not np.issubdtype(lens.dtype, np.integer) \
+                or (lens < 0).any() or (lens > arr.shape[1]).any():
+            raise ValueError(f"lengths must be {arr.shape[0]} integers in [0, {arr.shape[1]}], "
+                             f"got {lens.dtype}{lens.shape}")
+    tokens = arr[np.arange(arr.shape[1]) < lens[:, None]]  # row-major = sequence order
+    return tokens, lens.astype(np.int64, copy=False)
+
+
+def check_tokens(tokens: np.ndarray, lengths: np.ndarray, vocab: int,
+                 max_len: int) -> tuple[Ragged, int]:
+    """Range-check ids against [0, vocab), then keep each sequence's first ``max_len`` ids.
+
+    Args:
+        tokens: (T,) integer ids of N sequences, one after another.
+        lengths: int64 (N,) sequence lengths, summing to T.
+
+    Returns:
+        (the int32 Ragged, how many sequences were truncated).
+
+    Raises:
+        TokenRangeError: the first id out of range.
+    """
+    offsets = _offsets(lengths)
+    bad = (tokens < 0) | (tokens >= vocab)
+    if bad.any():
+        first = int(np.argmax(bad))
+        row = int(np.searchsorted(offsets, first, side="right")) - 1
+        raise TokenRangeError(row, first - int(offsets[row]), int(tokens[first]), vocab)
+    over = lengths > max_len
+    if over.any():  # keep the first max_len ids of each sequence (spec §3.2)
+        rank = np.arange(tokens.size) - np.repeat(offsets[:-1], lengths)
+        tokens = tokens[rank < max_len]
+        np.cumsum(np.minimum(lengths, max_len), out=offsets[1:])
+    return Ragged(tokens.astype(np.int32, copy=False), offsets), int(over.sum())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ import numpy as np
 from . import checkpoint, wire
 from .buckets import length_ladder, pad_sequences
 from .config import Config, from_hyperparameters
-from .data import Ragged
+from .data import Ragged, TokenRangeError, check_tokens, unpad
 from .model import abstract_model, merge_params
 
 log = logging.getLogger("o2v_jax")
@@ -163,21 +163,10 @@ def _as_ragged(x: Any, lengths: Any, vocab: int, max_len: int, name: str,
             raise TypeError(f"{name}: lengths= is only for 2-D arrays, not a Ragged")
         tokens, lens = x.tokens, x.lengths
     elif isinstance(x, np.ndarray) or hasattr(x, "__array__") and getattr(x, "ndim", 0) == 2:
-        arr = np.asarray(x)
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"{name}: an array input must be 2-D integer (N, L), got "
-                            f"{arr.dtype}{arr.shape}")
-        if lengths is None:  # 0-padded: a row's length runs to its last non-zero id
-            nonzero = arr != 0
-            lens = np.where(nonzero.any(axis=1),
-                            arr.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
-        else:
-            lens = np.asarray(lengths)
-            if lens.shape != (arr.shape[0],) or not np.issubdtype(lens.dtype, np.integer) \
-                    or (lens < 0).any() or (lens > arr.shape[1]).any():
-                raise ValueError(f"{name}: lengths must be {arr.shape[0]} integers in "
-                                 f"[0, {arr.shape[1]}], got {lens.dtype}{lens.shape}")
-        tokens = arr[np.arange(arr.shape[1]) < lens[:, None]]  # row-major = sequence order
+        try:
+            tokens, lens = unpad(np.asarray(x), lengths)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
     else:
         if lengths is not None:
             raise TypeError(f"{name}: lengths= is only for 2-D arrays")
@@ -195,23 +184,13 @@ def _as_ragged(x: Any, lengths: Any, vocab: int, max_len: int, name: str,
             tokens = np.fromiter(itertools.chain.from_iterable(x), np.int64, count=int(lens.sum()))
         except OverflowError:  # an id beyond int64 cannot be in the vocabulary
             tokens = np.array([t if abs(t) < 2**62 else -1 for s in x for t in s], np.int64)
-    lens = lens.astype(np.int64, copy=False)
-    offsets = np.zeros(lens.size + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    bad = (tokens < 0) | (tokens >= vocab)
-    if bad.any():
-        first = int(np.argmax(bad))
-        row = int(np.searchsorted(offsets, first, side="right")) - 1
-        value = x[row][first - offsets[row]] if isinstance(x, Sequence) else int(tokens[first])
-        raise ValueError(f"{name} sequence {first_row + row}, position {first - offsets[row]}: "
+    try:
+        return check_tokens(tokens, lens.astype(np.int64, copy=False), vocab, max_len)
+    except TokenRangeError as e:
+        value = x[e.row][e.position] if isinstance(x, Sequence) else e.value
+        raise ValueError(f"{name} sequence {first_row + e.row}, position {e.position}: "
                          f"token id {value} is out of range; expected an integer in "
-                         f"[0, {vocab - 1}] (enc{name[-1]}_vocab_size={vocab})")
-    over = lens > max_len
-    if over.any():  # keep the first max_len ids of each sequence (spec §3.2)
-        rank = np.arange(tokens.size) - np.repeat(offsets[:-1], lens)
-        tokens = tokens[rank < max_len]
-        np.cumsum(np.minimum(lens, max_len), out=offsets[1:])
-    return Ragged(tokens.astype(np.int32, copy=False), offsets), int(over.sum())
+                         f"[0, {vocab - 1}] (enc{name[-1]}_vocab_size={vocab})") from None
 
 
 def _slice(x: Any, lengths: Any, start: int, stop: int) -> tuple[Any, Any]:
