@@ -90,9 +90,10 @@ class ServerProcess:
         self.log.close()
 
 
-def post(conn: http.client.HTTPConnection, body: bytes, accept: str = "application/json") -> bytes:
+def post(conn: http.client.HTTPConnection, body: bytes, accept: str = "application/json",
+         content_type: str = "application/json") -> bytes:
     conn.request("POST", "/invocations", body=body,
-                 headers={"Content-Type": "application/json", "Accept": accept})
+                 headers={"Content-Type": content_type, "Accept": accept})
     response = conn.getresponse()
     data = response.read()
     if response.status != 200:
@@ -104,6 +105,20 @@ def body_of(seqs: list[list[int]]) -> bytes:
     return json.dumps({"instances": [{"in0": s} for s in seqs]}).encode()
 
 
+def padded(seqs: list[list[int]]) -> np.ndarray:
+    """The sequences as one 0-padded int32 (N, max length) array."""
+    out = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+def npz_of(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, in0=arr)
+    return buf.getvalue()
+
+
 def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     body = body_of(seqs)
     conn = http.client.HTTPConnection(HOST, port, timeout=120)
@@ -113,7 +128,10 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     from o2v_jax import wire
 
     npy = np.load(io.BytesIO(post(conn, body, wire.NPY)), allow_pickle=False)
-    err = max(float(np.abs(got - want).max()), float(np.abs(npy - want).max()))
+    arr = padded(seqs)
+    npz = npz_of(arr)
+    binary = np.load(io.BytesIO(post(conn, npz, wire.NPY, wire.NPZ)), allow_pickle=False)
+    err = max(float(np.abs(x - want).max()) for x in (got, npy, binary))
     if not err < 1e-5:
         raise SystemExit(f"bench_server: HTTP and in-process embeddings differ by {err}")
 
@@ -123,7 +141,9 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     times = common.interleaved({
         "http": lambda: post(conn, body),
         "http, Accept .npy": lambda: post(conn, body, wire.NPY),
+        "http, .npz in, .npy out": lambda: post(conn, npz, wire.NPY, wire.NPZ),
         "in-process embed()": lambda: predictor.embed(seqs),
+        "in-process embed(array)": lambda: predictor.embed(arr),
         "in-process invoke()": lambda: predictor.invoke(body, "application/json", "application/json"),
         "  of which decode": lambda: wire.decode_request(
             body, "application/json", vocab_sizes=predictor.vocab_sizes,
@@ -136,21 +156,27 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     rates = {k: n / v for k, v in med.items()}
     overhead = med["http"] / med["in-process embed()"] - 1.0
     overhead_npy = med["http, Accept .npy"] / med["in-process embed()"] - 1.0
+    overhead_npz = med["http, .npz in, .npy out"] / med["in-process embed()"] - 1.0
+    overhead_npz_array = med["http, .npz in, .npy out"] / med["in-process embed(array)"] - 1.0
     transport = med["http"] / med["in-process invoke()"] - 1.0
     response_bytes = len(wire.encode_response("embeddings", values, "application/json"))
     print(f"\n== (a) {n:,}-record embedding requests ({len(body) / 1e6:.2f} MB request, "
           f"{response_bytes / 1e6:.2f} MB JSON response); max |HTTP - in-process| = {err:.1e}")
     for k, v in med.items():
-        print(f"  {k:22s} {v * 1e3:8.1f} ms/request  {common.fmt_rate(n / v):>9} records/s")
+        print(f"  {k:24s} {v * 1e3:8.1f} ms/request  {common.fmt_rate(n / v):>9} records/s")
     print(f"  HTTP vs in-process embed(): {overhead:+.0%} time per request (records/s through "
           f"HTTP = {rates['http'] / rates['in-process embed()']:.2f}x); vs in-process invoke() "
           f"(same JSON decode/encode, no sockets): {transport:+.0%}")
     print(f"  HTTP with Accept: {wire.NPY} (o2v-jax's extension, not SageMaker's) vs "
           f"in-process embed(): {overhead_npy:+.0%}")
+    print(f"  HTTP with a {wire.NPZ} request ({len(npz) / 1e6:.2f} MB, the same ids 0-padded) and "
+          f"{wire.NPY} response (o2v-jax's extensions): {overhead_npz:+.0%} vs in-process embed() "
+          f"from lists, {overhead_npz_array:+.0%} vs embed() from the same padded array")
     del request
     return {"records_per_request": n, "request_bytes": len(body), "response_bytes": response_bytes,
             "seconds": med, "records_per_second": rates, "overhead_vs_embed": overhead,
-            "overhead_npy_vs_embed": overhead_npy,
+            "overhead_npy_vs_embed": overhead_npy, "overhead_npz_vs_embed": overhead_npz,
+            "overhead_npz_vs_embed_array": overhead_npz_array,
             "overhead_vs_invoke": transport, "max_abs_diff": err}
 
 

@@ -570,7 +570,8 @@ class Predictor:
         """Answer one inference request body as SageMaker's /invocations does (spec §5).
 
         Args:
-            body: the request body (application/json or application/jsonlines).
+            body: the request body (application/json, application/jsonlines or
+                application/x-npz).
             content_type: the Content-Type header (None: application/json).
             accept: the Accept header (None: the request's own format).
             max_bytes: body size limit (WireError 413 above it), None for none.

@@ -8,6 +8,7 @@ API::
 
     JSON, JSONLINES                      canonical media types (SageMaker's)
     NPY                                  application/x-npy responses (our extension)
+    NPZ                                  application/x-npz requests (our extension)
     WireError(ValueError)                .status (400/406/413/415), .message, .path
     Request                              frozen: mode, encoder, in0, in1, media_type,
                                          seq_lens, truncated; len() = instance count
@@ -31,7 +32,9 @@ import dataclasses
 import io
 import itertools
 import logging
+import math
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
@@ -39,7 +42,7 @@ import msgspec
 import numpy as np
 import orjson
 
-from o2v_jax.data import Ragged, TokenRangeError, check_tokens
+from o2v_jax.data import Ragged, TokenRangeError, check_tokens, unpad
 
 log = logging.getLogger("o2v_jax")
 
@@ -53,6 +56,13 @@ _CANONICAL = {JSON: JSON, JSONLINES: JSONLINES, **{a: JSONLINES for a in JSONLIN
 # (N, K) array in NumPy's .npy format, what the SageMaker Python SDK's NumpyDeserializer
 # reads. Chosen only when Accept names it; wildcards keep the JSON types.
 NPY = "application/x-npy"
+# A request type beyond SageMaker's (docs/inference.md): an .npz archive (numpy.savez or
+# savez_compressed) of 2-D integer arrays named in0 / in1, 0-padded on the right, with
+# optional in0_lengths / in1_lengths. No JSON to parse: for clients that already hold arrays.
+NPZ = "application/x-npz"
+NPZ_MEMBERS = ("in0", "in1", "in0_lengths", "in1_lengths")
+# What an .npz body's members may expand to, all together (compressed archives): 413 above.
+NPZ_MAX_EXPANDED_BYTES = 64 << 20
 CHARSETS = ("utf-8", "utf8")
 # Spec §5.4: each infer_max_seqlens value is an integer in [1, 5000].
 INFER_MAX_SEQLEN_RANGE = (1, 5000)
@@ -115,7 +125,7 @@ class Request:
         encoder: "in0" or "in1" for embeddings, None for scores.
         in0: Ragged int32 sequences for encoder 0 (N of them), None when not sent.
         in1: Ragged int32 sequences for encoder 1, None when not sent.
-        media_type: the request's canonical type, JSON or JSONLINES.
+        media_type: the request's canonical type, JSON, JSONLINES or NPZ.
         seq_lens: (L0, L1) length caps applied: min(infer_max_seqlens, max_seq_len).
         truncated: how many sequences were cut to seq_lens, per side.
     """
@@ -200,8 +210,9 @@ def _request_type(content_type: str | None) -> tuple[str, tuple[int, int] | None
     if content_type is None or not content_type.strip():
         return JSON, None  # documented default: no Content-Type means application/json
     media, params = parse_media_type(content_type)
-    if media not in _CANONICAL:
-        raise WireError(415, f"unsupported Content-Type {media!r}; send {JSON} or {JSONLINES}")
+    if media != NPZ and media not in _CANONICAL:
+        raise WireError(415, f"unsupported Content-Type {media!r}; send {JSON}, {JSONLINES} or "
+                             f"{NPZ}")
     caps = None
     for name, value in params.items():
         if name == "charset":
@@ -215,7 +226,7 @@ def _request_type(content_type: str | None) -> tuple[str, tuple[int, int] | None
                 f"unsupported Content-Type parameter {name!r}; known parameters are charset and"
                 " infer_max_seqlens",
             )
-    return _CANONICAL[media], caps
+    return _CANONICAL.get(media, media), caps
 
 
 def _parse_infer_max_seqlens(value: str) -> tuple[int, int]:
@@ -235,13 +246,14 @@ def _parse_infer_max_seqlens(value: str) -> tuple[int, int]:
 def negotiate(accept: str | None, request_type: str) -> str:
     """Pick the response type from an Accept header (RFC 9110 §12.5.1, q-values honoured).
 
-    No header, ``*/*`` or ``application/*`` answer in the request's own format; an
-    explicit type wins over a wildcard; on equal q the request's format wins. NPY is
-    offered only to an Accept that names it.
+    No header, ``*/*`` or ``application/*`` answer in the request's own format (NPY for
+    an NPZ request); an explicit type wins over a wildcard; on equal q the request's
+    format wins. For JSON and JSON Lines requests, NPY is offered only to an Accept that
+    names it.
 
     Args:
         accept: the Accept header or None.
-        request_type: the request's media type (JSON, JSONLINES or an alias).
+        request_type: the request's media type (JSON, JSONLINES, an alias, or NPZ).
 
     Returns:
         JSON, JSONLINES or NPY.
@@ -249,7 +261,7 @@ def negotiate(accept: str | None, request_type: str) -> str:
     Raises:
         WireError(406): the header allows none of them.
     """
-    own = _CANONICAL.get(request_type, JSON)
+    own = NPY if request_type == NPZ else _CANONICAL.get(request_type, JSON)
     if accept is None or not accept.strip():
         return own
     best: dict[str, tuple[int, float]] = {}  # type -> (specificity, q) of its best match
@@ -263,9 +275,10 @@ def negotiate(accept: str | None, request_type: str) -> str:
             continue
         kind, _, sub = media.partition("/")
         for offer in (JSON, JSONLINES, NPY):
-            if media == "*/*" and offer != NPY:
+            wild = offer != NPY or own == NPY  # NPY answers wildcards for NPZ requests only
+            if media == "*/*" and wild:
                 spec = 0
-            elif kind == "application" and sub == "*" and offer != NPY:
+            elif kind == "application" and sub == "*" and wild:
                 spec = 1
             elif _CANONICAL.get(media, media) == offer:
                 spec = 2
@@ -311,7 +324,8 @@ def decode_request(
 
     Args:
         body: the raw request body.
-        content_type: the Content-Type header (None: application/json).
+        content_type: the Content-Type header (None: application/json); JSON, JSON Lines
+            (or an alias) or NPZ.
         vocab_sizes: (V0, V1); token ids must lie in [0, V) of their encoder.
         max_seq_lens: (L0, L1) of the model; longer sequences are truncated to
             min(infer_max_seqlens, max_seq_len).
@@ -323,11 +337,14 @@ def decode_request(
         The Request.
 
     Raises:
-        WireError: 400 bad body, 413 body too large, 415 bad Content-Type or charset.
+        WireError: 400 bad body, 413 body too large (or an NPZ body whose members expand
+            beyond NPZ_MAX_EXPANDED_BYTES), 415 bad Content-Type or charset.
     """
     media, caps = _request_type(content_type)
     if max_bytes is not None and len(body) > max_bytes:
         raise WireError(413, f"request body is {len(body)} bytes; the limit is {max_bytes} bytes")
+    if media == NPZ:
+        return _decode_npz(body, caps, vocab_sizes, max_seq_lens)
     if body.startswith(_BOM):
         body = body[len(_BOM) :]
     if not body.strip():
@@ -343,6 +360,92 @@ _EXPECTED = {
     JSON: '{"instances": [{"in0": [...], "in1": [...]}, ...]}',
     JSONLINES: 'one {"in0": [...], "in1": [...]} object per line',
 }
+
+
+def _decode_npz(body: bytes, caps, vocab_sizes, max_seq_lens) -> Request:
+    """An application/x-npz body: in0 and/or in1 (N, L) integer arrays -> a Request.
+
+    Paths in errors: ``$.in0`` (a member), ``$.in0[3][7]`` (row 3, column 7).
+    """
+    expected = ("an .npz archive (numpy.savez) of in0 and/or in1: 2-D integer (N, L) arrays, "
+                "0-padded, with optional in0_lengths / in1_lengths")
+    if not body:
+        raise WireError(400, f"empty request body; expected {expected}")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        raise WireError(400, f"body is not a zip archive; expected {expected}") from None
+    arrays: dict[str, np.ndarray] = {}
+    expanded = 0
+    with archive:
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            if key not in NPZ_MEMBERS:
+                raise WireError(400, f"unknown member {info.filename!r}; expected {expected}")
+            if key in arrays:
+                raise WireError(400, f"member {key!r} appears twice", f"$.{key}")
+            expanded += info.file_size
+            if expanded > NPZ_MAX_EXPANDED_BYTES:
+                raise WireError(413, f"the archive's members expand to more than "
+                                     f"{NPZ_MAX_EXPANDED_BYTES} bytes")
+            arrays[key] = _read_member(archive, info, key)
+    ids = [arrays.get(k) for k in KEYS]
+    for side, key in enumerate(KEYS):
+        if ids[side] is None and f"{key}_lengths" in arrays:
+            raise WireError(400, f"{key}_lengths without {key}", f"$.{key}_lengths")
+    if ids[0] is None and ids[1] is None:
+        raise WireError(400, f"the archive has neither in0 nor in1; expected {expected}")
+    for key, arr in zip(KEYS, ids):
+        if arr is not None and arr.ndim != 2:
+            raise WireError(400, f"expected a 2-D (N, L) array, got shape {arr.shape}", f"$.{key}")
+        if arr is not None and arr.shape[0] == 0:
+            raise WireError(400, "expected at least one instance (a row)", f"$.{key}")
+    if ids[0] is not None and ids[1] is not None and len(ids[0]) != len(ids[1]):
+        raise WireError(400, f"in1 has {len(ids[1])} rows but in0 has {len(ids[0])}; scores "
+                             "need one in0 row per in1 row", "$.in1")
+    mode = "scores" if ids[0] is not None and ids[1] is not None else "embeddings"
+    seq_lens = tuple(min(c, m) for c, m in zip(caps or max_seq_lens, max_seq_lens))
+    packed, truncated = [None, None], [0, 0]
+    for side, key in enumerate(KEYS):
+        if ids[side] is None:
+            continue
+        try:
+            tokens, lengths = unpad(ids[side], arrays.get(f"{key}_lengths"))
+        except ValueError as e:
+            raise WireError(400, str(e), f"$.{key}_lengths") from None
+        try:
+            packed[side], truncated[side] = check_tokens(tokens, lengths, vocab_sizes[side],
+                                                         seq_lens[side])
+        except TokenRangeError as e:
+            raise _range_error(e.value, side, vocab_sizes[side],
+                               f"$.{key}[{e.row}][{e.position}]") from None
+    encoder = None if mode == "scores" else KEYS[0 if ids[0] is not None else 1]
+    return Request(mode, encoder, packed[0], packed[1], NPZ, seq_lens, tuple(truncated))
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """One .npy member, its header checked before any data is read or allocated."""
+    try:
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+            if dtype.kind not in "iu":
+                raise WireError(400, f"expected integer ids, got dtype {dtype}", f"$.{key}")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > info.file_size:
+                raise ValueError(f"its header promises {nbytes} bytes of data")
+            data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise ValueError(f"its data ends after {len(data)} of {nbytes} bytes")
+    except WireError:
+        raise
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, NotImplementedError,
+            RuntimeError) as e:  # bad header, truncated data, bad CRC, unknown compression
+        raise WireError(400, f"member {info.filename!r} is not a readable .npy array: {e}",
+                        f"$.{key}") from None
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _decode_json(body: bytes) -> list[Instance]:

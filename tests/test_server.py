@@ -412,6 +412,48 @@ def test_invocations_formats_on_one_keep_alive_connection(content_type, accept, 
         conn.close()
 
 
+def npz_body(records: list[dict]) -> bytes:
+    """The records as an application/x-npz body: 0-padded int32 arrays per key."""
+    arrays = {}
+    for key in ("in0", "in1"):
+        if key in records[0]:
+            seqs = [r[key] for r in records]
+            arrays[key] = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+            for i, seq in enumerate(seqs):
+                arrays[key][i, :len(seq)] = seq
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("records", [PAIRS, EMBED], ids=["scores", "embeddings"])
+def test_npz_requests_answer_npy_by_default_and_json_when_asked(records):
+    with serving(FakePredictor()) as (_, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = npz_body(records)
+        key = "scores" if len(records[0]) == 2 else "embeddings"
+        for accept, want_type in ((None, "application/x-npy"), ("*/*", "application/x-npy"),
+                                  ("application/json", "application/json")):
+            headers = {"Content-Type": "application/x-npz"} | ({"Accept": accept} if accept else {})
+            status, h, out = call(port, "POST", "/invocations", body, headers, conn=conn)
+            assert status == 200 and h["content-type"] == want_type
+            if want_type == "application/x-npy":
+                values = np.load(io.BytesIO(out), allow_pickle=False)
+            else:
+                values = [p[key] for p in json.loads(out)["predictions"]]
+            assert_values(values, records)
+        # A broken archive is a 400 with a JSON body; the connection and server keep serving.
+        status, h, out = call(port, "POST", "/invocations", body[:-10],
+                              {"Content-Type": "application/x-npz"}, conn=conn)
+        assert_json_error(status, h, out, 400, match="not a zip archive")
+        status, h, out = call(port, "POST", "/invocations", npz_body([{"in0": [1, VOCAB]}]),
+                              {"Content-Type": "application/x-npz"}, conn=conn)
+        assert_json_error(status, h, out, 400, path="$.in0[0][1]", match="out of range")
+        assert call(port, "POST", "/invocations", body, {"Content-Type": "application/x-npz"},
+                    conn=conn)[0] == 200
+        conn.close()
+
+
 def test_error_statuses_have_json_bodies():
     with serving(FakePredictor(), max_body_mb=1) as (_, port):
         status, h, body = call(port, "POST", "/invocations", b'{"instances": [{"in0": [1, 2}]}',
@@ -701,6 +743,10 @@ def test_end_to_end_with_a_real_tiny_model(tmp_path):
         vectors = np.array([json.loads(x)["embeddings"] for x in out.decode().splitlines()], np.float32)
         assert status == 200 and h["content-type"] == "application/jsonlines"
         np.testing.assert_array_equal(vectors, local.embed([p["in1"] for p in pairs], encoder="in1"))
+        status, h, out = call(port, "POST", "/invocations", npz_body(pairs),
+                              {"Content-Type": "application/x-npz"})
+        assert status == 200 and h["content-type"] == "application/x-npy"
+        np.testing.assert_array_equal(np.load(io.BytesIO(out), allow_pickle=False), want)
         status, h, out = call(port, "POST", "/invocations", json.dumps({"instances": [{"in0": [99]}]}))
         assert_json_error(status, h, out, 400, path="$.instances[0].in0[0]", match="out of range")
     finally:

@@ -144,6 +144,7 @@ def test_accept_json_wraps_each_line(predictor, tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"strategy": "Batch"}, "strategy 'Batch' is invalid"),
     ({"content_type": "text/csv"}, "unsupported content type 'text/csv'"),
+    ({"content_type": wire.NPZ}, "unsupported content type 'application/x-npz'"),  # serve only
     ({"content_type": wire.JSON, "accept": wire.JSONLINES}, "needs --content-type"),
     ({"accept": "text/csv"}, "allows no type"),
     ({"accept": wire.NPY}, "one JSON line per input line"),

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 
 import msgspec
 import numpy as np
@@ -341,6 +342,136 @@ def test_ids_past_the_truncation_point_are_still_checked():
     assert e.value.path == "$[line 1].in0[9]"
 
 
+# --- application/x-npz requests ---------------------------------------------------------
+
+
+def npz(compressed: bool = False, **arrays) -> bytes:
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def padded(seqs: list[list[int]], width: int | None = None, dtype=np.int32) -> np.ndarray:
+    out = np.zeros((len(seqs), width or max(map(len, seqs))), dtype)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["savez", "savez_compressed"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_npz_requests_decode_like_the_same_json_request(case, compressed):
+    # Trailing zeros are padding in an array: [49, 0] arrives as [49]. Both embed alike,
+    # since id 0 is padding in the model too; interior zeros stay.
+    instances = CASES[case]
+    want = decode(body_for(instances, JSON), JSON)
+    arrays = {k: padded([i[k] for i in instances], width=7) for k in ("in0", "in1")
+              if k in instances[0]}
+    req = decode(npz(compressed, **arrays), wire.NPZ)
+    assert (req.mode, req.encoder, req.media_type) == (want.mode, want.encoder, wire.NPZ)
+    for side in ("in0", "in1"):
+        got, exp = getattr(req, side), getattr(want, side)
+        assert (got is None) == (exp is None)
+        if got is not None:
+            assert got.to_lists() == [s[:max((j + 1 for j, t in enumerate(s) if t), default=0)]
+                                      for s in exp.to_lists()]  # trailing zeros dropped
+            assert got.tokens.dtype == np.int32
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint16, np.int64, np.uint64, ">i4"])
+def test_npz_accepts_any_integer_dtype_byte_order_and_fortran_layout(dtype):
+    seqs = [[3, 0, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]  # interior 0 kept; 10 ids > L0 = 8
+    arr = padded(seqs, dtype=dtype)
+    for a in (arr, np.asfortranarray(arr)):
+        req = decode(npz(in0=a), wire.NPZ)
+        assert req.in0.to_lists() == [[3, 0, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8]]
+        assert req.truncated == (1, 0)
+
+
+def test_npz_lengths_members_keep_trailing_zeros_and_caps_apply():
+    arr = np.array([[4, 0, 0, 9], [5, 6, 0, 0]], np.int64)
+    req = decode(npz(in0=arr, in0_lengths=np.array([2, 3])), wire.NPZ)
+    assert req.in0.to_lists() == [[4, 0], [5, 6, 0]]
+    req = decode(npz(in0=arr, in1=arr), f"{wire.NPZ}; infer_max_seqlens=1,3")
+    assert req.mode == "scores" and req.seq_lens == (1, 3) and req.truncated == (2, 1)
+    assert req.in0.to_lists() == [[4], [5]] and req.in1.to_lists() == [[4, 0, 0], [5, 6]]
+
+
+def _lying_header() -> bytes:
+    """A valid archive whose in0.npy header claims (9999999, 64) ids but holds 2 x 64."""
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        npy, {"descr": "<i4", "fortran_order": False, "shape": (9_999_999, 64)})
+    npy.write(np.ones((2, 64), np.int32).tobytes())
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("in0.npy", npy.getvalue())
+    return out.getvalue()
+
+
+NPZ_ERRORS = [
+    # (id, body, status, path, message fragment)
+    ("empty", b"", 400, None, "empty request body; expected an .npz archive"),
+    ("not a zip", b'{"instances": []}', 400, None, "body is not a zip archive"),
+    ("unknown member", npz(in0=np.ones((1, 2), int), label=np.ones(1)), 400, None,
+     "unknown member 'label.npy'"),
+    ("float ids", npz(in0=np.ones((1, 2))), 400, "$.in0", "expected integer ids, got dtype float64"),
+    ("bool ids", npz(in0=np.ones((1, 2), bool)), 400, "$.in0", "got dtype bool"),
+    ("object ids", npz(in0=np.array([[1, None]], object)), 400, "$.in0", "got dtype object"),
+    ("1-D", npz(in0=np.ones(3, int)), 400, "$.in0", "expected a 2-D (N, L) array, got shape (3,)"),
+    ("0-D", npz(in1=np.int64(3)), 400, "$.in1", "got shape ()"),
+    ("no rows", npz(in0=np.zeros((0, 4), int)), 400, "$.in0", "at least one instance"),
+    ("neither", npz(in0_lengths=np.ones(1, int)), 400, "$.in0_lengths", "in0_lengths without in0"),
+    ("nothing", npz(), 400, None, "neither in0 nor in1"),
+    ("rows differ", npz(in0=np.ones((2, 2), int), in1=np.ones((3, 2), int)), 400, "$.in1",
+     "in1 has 3 rows but in0 has 2"),
+    ("out of range", npz(in0=np.array([[1, 2], [3, 50]])), 400, "$.in0[1][1]",
+     "token id 50 is out of range; expected an integer in [0, 49] (enc0_vocab_size=50)"),
+    ("negative", npz(in1=np.array([[0, 3, -2]])), 400, "$.in1[0][2]", "token id -2 is out of range"),
+    ("bad lengths", npz(in0=np.ones((2, 3), int), in0_lengths=np.array([1, 4])), 400,
+     "$.in0_lengths", "lengths must be 2 integers in [0, 3]"),
+    ("float lengths", npz(in0=np.ones((2, 3), int), in0_lengths=np.ones(2)), 400, "$.in0_lengths",
+     "expected integer ids, got dtype float64"),
+    ("truncated", npz(in0=np.ones((4, 8), int))[:-40], 400, None, "body is not a zip archive"),
+    ("lying header", _lying_header(), 400, "$.in0", "header promises"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "path", "fragment"), [e[1:] for e in NPZ_ERRORS],
+                         ids=[e[0] for e in NPZ_ERRORS])  # fmt: skip
+def test_npz_errors_name_the_member_row_and_column(body, status, path, fragment):
+    with pytest.raises(WireError) as e:
+        decode(body, wire.NPZ)
+    assert (e.value.status, e.value.path) == (status, path)
+    assert fragment in e.value.message
+
+
+def test_npz_corrupt_data_fails_its_checksum():
+    body = bytearray(npz(in0=np.arange(1, 41).reshape(4, 10)))
+    body[200] ^= 0xFF  # inside the member's data
+    with pytest.raises(WireError) as e:
+        decode(bytes(body), wire.NPZ)
+    assert (e.value.status, e.value.path) == (400, "$.in0") and "CRC" in e.value.message
+
+
+def test_npz_members_that_expand_too_far_are_413(monkeypatch):
+    body = npz(True, in0=np.zeros((1000, 100), np.int64) + 1)  # 800 kB of ids, ~1 kB compressed
+    assert len(body) < 10_000
+    monkeypatch.setattr(wire, "NPZ_MAX_EXPANDED_BYTES", 100_000)
+    with pytest.raises(WireError) as e:
+        decode(body, wire.NPZ, vocab_sizes=(50, 40), max_seq_lens=(100, 100))
+    assert e.value.status == 413 and "expand to more than 100000 bytes" in e.value.message
+    monkeypatch.setattr(wire, "NPZ_MAX_EXPANDED_BYTES", 1_000_000)
+    assert len(decode(body, wire.NPZ, max_seq_lens=(100, 100))) == 1000
+
+
+def test_unsupported_content_type_names_all_three_request_types():
+    with pytest.raises(WireError) as e:
+        decode(b"1,2", "text/csv")
+    assert e.value.status == 415
+    assert f"send {JSON}, {JSONLINES} or {wire.NPZ}" in e.value.message
+
+
 # --- Accept negotiation -----------------------------------------------------------------
 
 NEGOTIATION = [
@@ -373,6 +504,14 @@ NEGOTIATION = [
     ("application/json;q=0.5, application/x-npy", JSON, wire.NPY),
     ("application/x-npy;q=0.5, */*", JSONLINES, JSONLINES),
     ("application/x-npy;q=0", JSON, 406),
+    # An .npz request (binary in) answers .npy unless Accept asks for a JSON type.
+    (None, wire.NPZ, wire.NPY),
+    ("*/*", wire.NPZ, wire.NPY),
+    ("application/*", wire.NPZ, wire.NPY),
+    ("application/json", wire.NPZ, JSON),
+    ("application/jsonlines", wire.NPZ, JSONLINES),
+    ("application/json, application/x-npy", wire.NPZ, wire.NPY),  # tie: the binary type
+    ("text/html", wire.NPZ, 406),
 ]
 
 
