@@ -10,7 +10,9 @@ port) on a model with random parameters (bench_embed's pooled_embedding model: v
     medians). The HTTP side includes JSON decoding, the JSON response of 1,000 x 256
     floats and its transfer; the in-process side is the model alone. Also timed: the same
     requests with ``Accept: application/x-npy`` (a .npy body: o2v-jax's extension to
-    SageMaker's JSON types, docs/inference.md).
+    SageMaker's JSON types, docs/inference.md), and the same ids as an
+    ``application/x-npz`` request (a 0-padded int32 array, our other extension) answered
+    as .npy, against ``embed()`` from lists and from that same array.
 (b) Small: single-record requests from 16 concurrent clients (threads with their own
     keep-alive ``http.client`` connection; bounded count per client), requests/s and
     p50/p99 latency; with ``--wrk`` also wrk (``apt-get install wrk``) for a fixed time.
@@ -286,6 +288,10 @@ def main(argv=None) -> None:
           f"over HTTP vs {common.fmt_rate(b['records_per_second']['in-process embed()'])} in-process "
           f"embed() (overhead {b['overhead_vs_embed']:+.0%}; {b['overhead_vs_invoke']:+.0%} vs "
           f"in-process invoke() with the same JSON work)")
+    print(f"      with .npz in and .npy out (o2v-jax's extensions): "
+          f"{common.fmt_rate(b['records_per_second']['http, .npz in, .npy out'])} records/s, overhead "
+          f"{b['overhead_npz_vs_embed']:+.0%} vs embed() from lists, "
+          f"{b['overhead_npz_vs_embed_array']:+.0%} vs embed() from the padded array (target <= 30%)")
     print(f"  (b) {c['clients']} clients x 1 record: {common.fmt_rate(c['requests_per_second'])} requests/s, "
           f"p50 {c['latency_ms']['p50']:.1f} ms, p99 {c['latency_ms']['p99']:.1f} ms")
 

@@ -654,9 +654,10 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
                     np.flatnonzero(bad.any(axis=1))[:5].tolist(),
                     "they are (.npy)" if media == NPY else "null")  # fmt: skip
     if media == NPY:
-        out = io.BytesIO()
-        np.save(out, x, allow_pickle=False)
-        return out.getvalue()
+        # The bytes np.save writes, with one copy of the data instead of its three.
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(x))
+        return b"".join([header.getvalue(), x.data])
     # orjson writes float32 arrays in C with the shortest float32 digits (Ryu), NaN and
     # inf as null; the rows are views, so no Python float is ever made.
     records = [{mode: row} for row in x]

@@ -123,6 +123,9 @@ def test_npy_responses_are_the_float32_array_bit_for_bit():
         assert back.dtype == np.float32 and back.shape == (5, 7)
         np.testing.assert_array_equal(back.view(np.uint32), x.view(np.uint32))
         assert wire.npy_rows(body) == 5
+        saved = io.BytesIO()
+        np.save(saved, x)
+        assert body == saved.getvalue()  # byte for byte what numpy.save writes
     empty = wire.encode_response("embeddings", np.zeros((0, 4), np.float32), wire.NPY)
     assert np.load(io.BytesIO(empty)).shape == (0, 4) and wire.npy_rows(empty) == 0
     with pytest.raises(WireError) as e:
