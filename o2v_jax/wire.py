@@ -34,7 +34,9 @@ import itertools
 import logging
 import math
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
@@ -388,7 +390,7 @@ def _decode_npz(body: bytes, caps, vocab_sizes, max_seq_lens) -> Request:
             if expanded > NPZ_MAX_EXPANDED_BYTES:
                 raise WireError(413, f"the archive's members expand to more than "
                                      f"{NPZ_MAX_EXPANDED_BYTES} bytes")
-            arrays[key] = _read_member(archive, info, key)
+            arrays[key] = _read_member(body, archive, info, key)
     ids = [arrays.get(k) for k in KEYS]
     for side, key in enumerate(KEYS):
         if ids[side] is None and f"{key}_lengths" in arrays:
@@ -423,29 +425,53 @@ def _decode_npz(body: bytes, caps, vocab_sizes, max_seq_lens) -> Request:
     return Request(mode, encoder, packed[0], packed[1], NPZ, seq_lens, tuple(truncated))
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
-    """One .npy member, its header checked before any data is read or allocated."""
+def _read_member(body: bytes, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
+                 key: str) -> np.ndarray:
+    """One .npy member, its header checked before any data is read or allocated.
+
+    A stored (uncompressed, numpy.savez) member is read in place from the body, no copy.
+    """
     try:
-        with archive.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(f)
-            if dtype.kind not in "iu":
-                raise WireError(400, f"expected integer ids, got dtype {dtype}", f"$.{key}")
-            nbytes = math.prod(shape) * dtype.itemsize
-            if nbytes > info.file_size:
-                raise ValueError(f"its header promises {nbytes} bytes of data")
-            data = f.read(nbytes)
-            if len(data) != nbytes:
-                raise ValueError(f"its data ends after {len(data)} of {nbytes} bytes")
+        data = _member_data(body, archive, info)
+        if data[:6] != b"\x93NUMPY" or len(data) < 10:
+            raise ValueError("it does not start with the .npy magic string")
+        start = 10 if data[6] == 1 else 12
+        (size,) = struct.unpack_from("<H" if start == 10 else "<I", data, 8)
+        f = io.BytesIO(bytes(data[:start + size]))
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(f)
+        if dtype.kind not in "iu":
+            raise WireError(400, f"expected integer ids, got dtype {dtype}", f"$.{key}")
+        count = math.prod(shape)
+        if count * dtype.itemsize > len(data) - f.tell():
+            raise ValueError(f"its header promises {count * dtype.itemsize} bytes of data; "
+                             f"it holds {len(data) - f.tell()}")
+        flat = np.frombuffer(data, dtype, count, offset=f.tell())
     except WireError:
         raise
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, NotImplementedError,
-            RuntimeError) as e:  # bad header, truncated data, bad CRC, unknown compression
+    except (ValueError, EOFError, OSError, struct.error, zipfile.BadZipFile,
+            NotImplementedError, RuntimeError) as e:
+        # bad header, truncated data, bad CRC, unknown compression, encryption
         raise WireError(400, f"member {info.filename!r} is not a readable .npy array: {e}",
                         f"$.{key}") from None
-    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def _member_data(body: bytes, archive: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """A member's bytes, CRC-checked: a view into ``body`` when stored, else inflated."""
+    offset = info.header_offset
+    if (info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1
+            and body[offset:offset + 4] == b"PK\x03\x04"):
+        name, extra = struct.unpack_from("<HH", body, offset + 26)
+        start = offset + 30 + name + extra
+        data = memoryview(body)[start:start + info.file_size]
+        if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
+            raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+        return data
+    with archive.open(info) as f:
+        return f.read()
 
 
 def _decode_json(body: bytes) -> list[Instance]:

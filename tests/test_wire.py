@@ -400,16 +400,21 @@ def test_npz_lengths_members_keep_trailing_zeros_and_caps_apply():
     assert req.in0.to_lists() == [[4], [5]] and req.in1.to_lists() == [[4, 0, 0], [5, 6]]
 
 
+def _zip_of(compression: int = zipfile.ZIP_STORED, **members: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as z:
+        for name, data in members.items():
+            z.writestr(f"{name}.npy", data)
+    return out.getvalue()
+
+
 def _lying_header() -> bytes:
     """A valid archive whose in0.npy header claims (9999999, 64) ids but holds 2 x 64."""
     npy = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         npy, {"descr": "<i4", "fortran_order": False, "shape": (9_999_999, 64)})
     npy.write(np.ones((2, 64), np.int32).tobytes())
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        z.writestr("in0.npy", npy.getvalue())
-    return out.getvalue()
+    return _zip_of(in0=npy.getvalue())
 
 
 NPZ_ERRORS = [
@@ -437,6 +442,9 @@ NPZ_ERRORS = [
      "expected integer ids, got dtype float64"),
     ("truncated", npz(in0=np.ones((4, 8), int))[:-40], 400, None, "body is not a zip archive"),
     ("lying header", _lying_header(), 400, "$.in0", "header promises"),
+    ("not .npy", _zip_of(in1=b"in0,in1\n1,2\n"), 400, "$.in1", "does not start with the .npy magic"),
+    ("not .npy, compressed", _zip_of(zipfile.ZIP_DEFLATED, in0=b"\x93NUMPY"), 400, "$.in0",
+     "not a readable .npy array"),
 ]
 
 
