@@ -136,7 +136,9 @@ def unpad(arr: np.ndarray, lengths: Any = None) -> tuple[np.ndarray, np.ndarray]
     """
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"an array input must be 2-D integer (N, L), got {arr.dtype}{arr.shape}")
-    if lengths is None:
+    if lengths is None and arr.shape[1] == 0:  # rows of no ids: empty sequences
+        lens = np.zeros(arr.shape[0], np.int64)
+    elif lengths is None:
         nonzero = arr != 0
         lens = np.where(nonzero.any(axis=1), arr.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
     else:

@@ -256,6 +256,9 @@ def test_array_ragged_and_list_inputs_agree(predictor):
     np.testing.assert_allclose(cut, predictor.embed([s[:2] for s in seqs]), atol=ATOL)
     np.testing.assert_allclose(predictor.predict(array, array, in0_lengths=lengths),
                                predictor.predict(seqs, seqs), atol=ATOL)
+    # an array of no columns is N empty sequences, as [[], ...] is
+    np.testing.assert_array_equal(predictor.embed(np.zeros((2, 0), np.int32)),
+                                  predictor.embed([[], []]))
 
 
 def test_long_sequences_are_truncated_like_training(predictor):

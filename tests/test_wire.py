@@ -391,6 +391,12 @@ def test_npz_accepts_any_integer_dtype_byte_order_and_fortran_layout(dtype):
         assert req.truncated == (1, 0)
 
 
+def test_npz_rows_of_zeros_or_no_columns_are_empty_sequences():
+    # As an empty JSON list: allowed, embeds as an all-padding row.
+    assert decode(npz(in0=np.zeros((2, 3), int)), wire.NPZ).in0.to_lists() == [[], []]
+    assert decode(npz(in1=np.zeros((2, 0), int)), wire.NPZ).in1.to_lists() == [[], []]
+
+
 def test_npz_lengths_members_keep_trailing_zeros_and_caps_apply():
     arr = np.array([[4, 0, 0, 9], [5, 6, 0, 0]], np.int64)
     req = decode(npz(in0=arr, in0_lengths=np.array([2, 3])), wire.NPZ)
