@@ -62,6 +62,10 @@ def summarize(name: str, doc: dict) -> list[str]:
                      f"({b['overhead_vs_embed']:+.0%} vs embed(), {b['overhead_vs_invoke']:+.0%} "
                      f"vs in-process invoke(); Accept .npy {b['overhead_npy_vs_embed']:+.0%} "
                      f"vs embed())")
+        lines.append(f"server  the same, .npz request and .npy response       "
+                     f"{fmt(b['records_per_second']['http, .npz in, .npy out']):>9} records/s  "
+                     f"({b['overhead_npz_vs_embed']:+.0%} vs embed() from lists, "
+                     f"{b['overhead_npz_vs_embed_array']:+.0%} vs embed() from the array)")
         lines.append(f"server  1-record requests, {c['clients']} clients{'':<22} "
                      f"{fmt(c['requests_per_second']):>9} req/s      "
                      f"(p50 {c['latency_ms']['p50']:.1f} ms, p99 {c['latency_ms']['p99']:.1f} ms)")
