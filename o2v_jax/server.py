@@ -833,7 +833,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "serve", help="serve a model over HTTP (SageMaker's /ping and /invocations)",
         description="Serve a trained model over HTTP with SageMaker's container protocol: "
                     "GET /ping, POST /invocations, GET /execution-parameters. Binds "
-                    f"{_default('host')} (this machine only) unless told otherwise. See docs/serving.md.",
+                    f"{_default('host')} (this machine only) unless told otherwise. Request bodies: "
+                    "application/json or application/jsonlines (SageMaker's), or application/x-npz "
+                    "(NumPy arrays in0/in1); responses: JSON, JSON Lines or application/x-npy "
+                    "(Accept). See docs/serving.md and docs/inference.md.",
         epilog="examples:\n"
                "  o2v serve --model-dir runs/m1                  # http://127.0.0.1:8080\n"
                "  o2v serve --model-dir runs/m1 --host 0.0.0.0   # reachable from other machines\n"

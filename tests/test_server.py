@@ -354,6 +354,8 @@ def test_help_says_where_it_binds_and_run_checks_the_model_dir(tmp_path, capsys)
         parser.parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "default 127.0.0.1, this machine only" in text and "0.0.0.0" in text
+    assert all(t in text for t in ("application/json", "application/jsonlines",
+                                   "application/x-npz", "application/x-npy"))
     args, _ = parse_serve(["--model-dir", str(tmp_path / "missing")])
     assert server.run(args) == 2
     assert "model directory" in capsys.readouterr().err
