@@ -375,8 +375,9 @@ def _decode_npz(body: bytes, caps, vocab_sizes, max_seq_lens) -> Request:
         raise WireError(400, f"empty request body; expected {expected}")
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, ValueError, EOFError):
-        raise WireError(400, f"body is not a zip archive; expected {expected}") from None
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError,
+            struct.error) as e:  # not a zip, truncated, a version zipfile cannot read
+        raise WireError(400, f"body is not a readable zip archive ({e}); expected {expected}") from None
     arrays: dict[str, np.ndarray] = {}
     expanded = 0
     with archive:
@@ -451,9 +452,10 @@ def _read_member(body: bytes, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
         flat = np.frombuffer(data, dtype, count, offset=f.tell())
     except WireError:
         raise
-    except (ValueError, EOFError, OSError, struct.error, zipfile.BadZipFile,
+    except (ValueError, EOFError, OSError, struct.error, zipfile.BadZipFile, zlib.error,
             NotImplementedError, RuntimeError) as e:
-        # bad header, truncated data, bad CRC, unknown compression, encryption
+        # bad header, truncated data, bad CRC, a broken deflate stream, unknown
+        # compression, encryption
         raise WireError(400, f"member {info.filename!r} is not a readable .npy array: {e}",
                         f"$.{key}") from None
     return flat.reshape(shape, order="F" if fortran else "C")

@@ -447,7 +447,7 @@ def test_npz_requests_answer_npy_by_default_and_json_when_asked(records):
         # A broken archive is a 400 with a JSON body; the connection and server keep serving.
         status, h, out = call(port, "POST", "/invocations", body[:-10],
                               {"Content-Type": "application/x-npz"}, conn=conn)
-        assert_json_error(status, h, out, 400, match="not a zip archive")
+        assert_json_error(status, h, out, 400, match="not a readable zip archive")
         status, h, out = call(port, "POST", "/invocations", npz_body([{"in0": [1, VOCAB]}]),
                               {"Content-Type": "application/x-npz"}, conn=conn)
         assert_json_error(status, h, out, 400, path="$.in0[0][1]", match="out of range")

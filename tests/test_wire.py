@@ -414,6 +414,12 @@ def _zip_of(compression: int = zipfile.ZIP_STORED, **members: bytes) -> bytes:
     return out.getvalue()
 
 
+def _cd_version(body: bytes, version: int) -> bytes:
+    """``body`` with its first central-directory entry's "version needed" set."""
+    at = body.index(b"PK\x01\x02") + 6
+    return body[:at] + bytes([version, 0]) + body[at + 2:]
+
+
 def _lying_header() -> bytes:
     """A valid archive whose in0.npy header claims (9999999, 64) ids but holds 2 x 64."""
     npy = io.BytesIO()
@@ -426,7 +432,7 @@ def _lying_header() -> bytes:
 NPZ_ERRORS = [
     # (id, body, status, path, message fragment)
     ("empty", b"", 400, None, "empty request body; expected an .npz archive"),
-    ("not a zip", b'{"instances": []}', 400, None, "body is not a zip archive"),
+    ("not a zip", b'{"instances": []}', 400, None, "body is not a readable zip archive"),
     ("unknown member", npz(in0=np.ones((1, 2), int), label=np.ones(1)), 400, None,
      "unknown member 'label.npy'"),
     ("float ids", npz(in0=np.ones((1, 2))), 400, "$.in0", "expected integer ids, got dtype float64"),
@@ -446,7 +452,9 @@ NPZ_ERRORS = [
      "$.in0_lengths", "lengths must be 2 integers in [0, 3]"),
     ("float lengths", npz(in0=np.ones((2, 3), int), in0_lengths=np.ones(2)), 400, "$.in0_lengths",
      "expected integer ids, got dtype float64"),
-    ("truncated", npz(in0=np.ones((4, 8), int))[:-40], 400, None, "body is not a zip archive"),
+    ("truncated", npz(in0=np.ones((4, 8), int))[:-40], 400, None, "not a readable zip archive"),
+    ("zip version", _cd_version(npz(in0=np.ones((1, 2), int)), 0xFF), 400, None,
+     "zip file version 25.5"),
     ("lying header", _lying_header(), 400, "$.in0", "header promises"),
     ("not .npy", _zip_of(in1=b"in0,in1\n1,2\n"), 400, "$.in1", "does not start with the .npy magic"),
     ("not .npy, compressed", _zip_of(zipfile.ZIP_DEFLATED, in0=b"\x93NUMPY"), 400, "$.in0",
@@ -461,6 +469,32 @@ def test_npz_errors_name_the_member_row_and_column(body, status, path, fragment)
         decode(body, wire.NPZ)
     assert (e.value.status, e.value.path) == (status, path)
     assert fragment in e.value.message
+
+
+def test_npz_mutated_bodies_get_a_wire_error_never_another_exception():
+    # Seeded byte flips, cuts and deletions of valid archives (stored and deflated):
+    # whatever zipfile, zlib or numpy raise inside must come out as a 4xx WireError.
+    rng = np.random.default_rng(11)
+    bases = [npz(in0=np.arange(40).reshape(4, 10) % 7, in1=np.ones((4, 3), np.int64)),
+             npz(True, in0=np.arange(40).reshape(4, 10) % 7),
+             npz(in1=np.arange(1, 13, dtype=np.uint16).reshape(3, 4), in1_lengths=np.array([1, 2, 3]))]
+    statuses = set()
+    for i in range(3000):
+        body = bytearray(bases[i % 3])
+        for _ in range(rng.integers(1, 4)):
+            if not body:
+                break
+            at = int(rng.integers(len(body)))
+            if rng.random() < 0.7:
+                body[at] = int(rng.integers(256))
+            else:
+                del body[at:at + int(rng.integers(1, 50))]
+        try:
+            decode(bytes(body), wire.NPZ)
+            statuses.add(200)
+        except WireError as e:
+            statuses.add(e.status)
+    assert statuses <= {200, 400, 413} and 400 in statuses
 
 
 def test_npz_corrupt_data_fails_its_checksum():
