@@ -329,6 +329,7 @@ _BODY_METHODS = ("POST", "PUT", "PATCH")
 _LENGTH = re.compile(r"[0-9]{1,18}")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _MAX_LINE = 65536  # the stdlib's limit for the request line and each header line
+_MAX_EMPTY_LINES = 8  # empty lines skipped before a request line; more are a 400
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -355,6 +356,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.requestline, self._started = "", False
         try:
             self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
+            # RFC 9112 §2.2: empty lines before a request line are ignored (some clients
+            # send a CRLF after a POST body); the stdlib closes without an answer.
+            for _ in range(_MAX_EMPTY_LINES):
+                if self.raw_requestline not in (b"\r\n", b"\n"):
+                    break
+                self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
         except OSError:  # TimeoutError (idle keep-alive) or a reset: nothing to answer
             self.close_connection = True
             return
@@ -380,6 +387,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _one_request(self) -> None:
         if len(self.raw_requestline) > _MAX_LINE:
             raise _Refused(414, f"request line longer than {_MAX_LINE} bytes")
+        if not self.raw_requestline.strip():
+            raise _Refused(400, "empty request line; expected METHOD /path HTTP/1.1")
         if not self.parse_request():
             return  # parse_request has answered through send_error
         app = self.server.app

@@ -456,6 +456,22 @@ def test_npz_requests_answer_npy_by_default_and_json_when_asked(records):
         conn.close()
 
 
+def test_empty_lines_before_a_request_line_are_skipped_and_too_many_are_a_400():
+    # RFC 9112 §2.2; found by fuzzing: the stdlib closed such connections without an answer.
+    with serving(FakePredictor()) as (_, port):
+        status, _, body = raw(port, b"\r\n\n\r\nGET /ping HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert (status, body) == (200, b"")
+        body = b'{"in0": [1]}\n'
+        status, h, out = raw(port, b"\r\nPOST /invocations HTTP/1.1\r\nConnection: close\r\n"
+                                   b"Content-Type: application/jsonlines\r\nContent-Length: %d\r\n\r\n%s"
+                                   % (len(body), body))
+        assert status == 200 and h["content-type"] == "application/jsonlines"
+        for junk in (b"\r\n" * 9, b"   \r\n"):
+            assert_json_error(*raw(port, junk + b"GET /ping HTTP/1.1\r\n\r\n"), 400,
+                              match="empty request line")
+        assert call(port, "GET", "/ping")[0] == 200
+
+
 def test_error_statuses_have_json_bodies():
     with serving(FakePredictor(), max_body_mb=1) as (_, port):
         status, h, body = call(port, "POST", "/invocations", b'{"instances": [{"in0": [1, 2}]}',
