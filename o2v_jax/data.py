@@ -394,7 +394,7 @@ def _read_file(file: Path, config: Config, acc: _Columns) -> None:
             try:
                 # Inline _is_record: a function call per line costs ~5% of the read.
                 records = [_RECORD.decode(line) for line in lines if line and not line.isspace()]
-            except msgspec.MsgspecError:
+            except (msgspec.MsgspecError, UnicodeDecodeError):  # a bad key's UTF-8: the latter
                 records, error = _decode_until_error(file, first_line, lines)
                 _add_chunk(records, config, acc, where)  # an earlier line's problem comes first
                 raise error from None
@@ -502,7 +502,18 @@ def _decode_until_error(file: Path, first_line: int,
             records.append(_RECORD.decode(line))
         except msgspec.MsgspecError as e:
             return records, DataError(f"{file}:{first_line + k}: {_describe(e)}")
+        except UnicodeDecodeError:  # in an object key (msgspec's position is the key's)
+            return records, DataError(f"{file}:{first_line + k}: {_utf8_problem(line)}")
     raise AssertionError("chunk failed to decode but every line decodes")
+
+
+def _utf8_problem(line: bytes) -> str:
+    """Where a line stops being UTF-8, as a message."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}"
+    return "not valid UTF-8"
 
 
 def _describe(error: msgspec.MsgspecError) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 
 import numpy as np
@@ -91,6 +92,19 @@ def test_bad_record_names_file_line_and_field(tmp_path, line, message):
         read_channel(path, config())
     assert str(e.value).startswith(f"{path}:3: "), str(e.value)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("line, message", [
+    # inside a key: msgspec raised a bare UnicodeDecodeError
+    (b'{"label": 1, "in0": [1], "in1": [2], "x\xc3": 1}', "not valid UTF-8: byte 0xc3 at column 40"),
+    (b'{"label": 1, "in0": [1], "in1": [2]}\xff', "malformed JSON"),
+    (b'\xff{"label": 1, "in0": [1], "in1": [2]}', "malformed JSON"),
+])
+def test_invalid_utf8_is_a_data_error_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(rec(1, [1], [2]).encode() + b"\n" + line + b"\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: {message}"):
+        read_channel(path, config())
 
 
 @pytest.mark.parametrize("later", ['{"label": 1, "in0": [1, 2}', rec(1, [1], [1, 77]), rec(5, [1], [1])])
