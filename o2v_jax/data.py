@@ -507,13 +507,21 @@ def _decode_until_error(file: Path, first_line: int,
     raise AssertionError("chunk failed to decode but every line decodes")
 
 
+def _utf8_error_at(data: bytes) -> int:
+    """The offset of the first byte that is not UTF-8 (len(data) if there is none)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start
+    return len(data)
+
+
 def _utf8_problem(line: bytes) -> str:
     """Where a line stops being UTF-8, as a message."""
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"not valid UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}"
-    return "not valid UTF-8"
+    at = _utf8_error_at(line)
+    if at == len(line):
+        return "not valid UTF-8"
+    return f"not valid UTF-8: byte 0x{line[at]:02x} at column {at + 1}"
 
 
 def _describe(error: msgspec.MsgspecError) -> str:
@@ -617,11 +625,17 @@ def _load_pretrained(aux_dir, encoder: str, prefix: str, enc) -> Pretrained:
 
 def _load_vocab(path: Path, vocab_size: int, prefix: str) -> dict[bytes, int]:
     """token -> id JSON as {utf-8 token: id}, every id checked against vocab_size."""
+    data = path.read_bytes()
     try:
-        vocab = msgspec.json.decode(path.read_bytes(), type=dict[str, int])
+        vocab = msgspec.json.decode(data, type=dict[str, int])
     except msgspec.MsgspecError as e:
         raise DataError(f"{path}: expected a JSON object mapping token -> integer id "
                         f"({e})") from None
+    except UnicodeDecodeError:  # in a key: msgspec does not wrap it
+        lines = data.split(b"\n")
+        line = data.count(b"\n", 0, _utf8_error_at(data))  # from 0
+        raise DataError(f"{path}:{line + 1}: tokens must be UTF-8; "
+                        f"{_utf8_problem(lines[line])}") from None
     # Clamp before converting so that ids beyond int64 still reach the range message.
     ids = np.fromiter((min(max(i, -1), vocab_size) for i in vocab.values()), np.int64,
                       count=len(vocab))

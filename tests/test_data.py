@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -289,6 +289,10 @@ def test_auxiliary_setup_errors(tmp_path):
         read_auxiliary(aux, aux_config())
     (tmp_path / "vocab.json").write_text('{"the": "one"}')
     with pytest.raises(DataError, match="vocab.json: expected a JSON object mapping token"):
+        read_auxiliary(aux, aux_config())
+    (tmp_path / "vocab.json").write_bytes(b'{"the": 1,\n "caf\xe9": 2}')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"vocab.json:2: tokens must be UTF-8; not valid UTF-8: "
+                                        r"byte 0xe9 at column 6"):
         read_auxiliary(aux, aux_config())
 
 
