@@ -112,11 +112,18 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         raise ModelDirError(f"{root}: no {MANIFEST}; not an o2v-jax model directory "
                             f"(or training never finished an epoch)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if manifest.get("format") != FORMAT:
-        raise ModelDirError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    except UnicodeDecodeError as e:
+        raise ModelDirError(f"{path}: not UTF-8 JSON ({e.reason} at byte {e.start})") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found != FORMAT:  # another tool's model.json, or an older layout
+        raise ModelDirError(f"{path}: format {found!r}, expected {FORMAT!r}; not an o2v-jax "
+                            f"model directory")
+    missing = [k for k in ("params_dir", "hyperparameters", "metadata") if k not in manifest]
+    if missing or not isinstance(manifest["params_dir"], str):
+        raise ModelDirError(f"{path}: incomplete manifest (missing {', '.join(missing) or 'params_dir'})")
     if not (root / manifest["params_dir"]).is_dir():
         raise ModelDirError(f"{path}: parameter directory {manifest['params_dir']} is missing")
     return manifest

@@ -93,3 +93,23 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (b"[1, 2]", "format 'list', expected 'o2v-jax-model/1'; not an o2v-jax model directory"),
+    (b'{"format": "keras", "modelTopology": {}}', "format 'keras', expected"),  # another tool's
+    (b'{"format": "o2v-jax-model/1", "hyperparameters": {}}', "incomplete manifest (missing params_dir, metadata)"),
+    (b'{"format": "o2v-jax-model/1\xff"}', "not UTF-8 JSON"),
+    (b'{"format": ', "model.json:1: not valid JSON"),
+])
+def test_a_model_json_that_is_not_ours_is_a_clear_error(tmp_path, manifest, message):
+    import shutil
+
+    from o2v_jax.checkpoint import ModelDirError
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(MODEL_DIR, model_dir)
+    (model_dir / "model.json").write_bytes(manifest)
+    with pytest.raises(ModelDirError) as e:
+        o2v_jax.load(model_dir)
+    assert message in str(e.value)
