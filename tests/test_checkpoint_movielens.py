@@ -4,6 +4,7 @@ deterministically, and is what its model card says it is."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +104,6 @@ def _is_number(text: str) -> bool:
     (b'{"format": ', "model.json:1: not valid JSON"),
 ])
 def test_a_model_json_that_is_not_ours_is_a_clear_error(tmp_path, manifest, message):
-    import shutil
-
     from o2v_jax.checkpoint import ModelDirError
 
     model_dir = tmp_path / "m"
