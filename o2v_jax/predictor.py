@@ -184,6 +184,14 @@ def _as_ragged(x: Any, lengths: Any, vocab: int, max_len: int, name: str,
             tokens = np.fromiter(itertools.chain.from_iterable(x), np.int64, count=int(lens.sum()))
         except OverflowError:  # an id beyond int64 cannot be in the vocabulary
             tokens = np.array([t if abs(t) < 2**62 else -1 for s in x for t in s], np.int64)
+        except (TypeError, ValueError) as e:  # a string, a nested list, None: say where
+            bad = next(((r, j, t) for r, s in enumerate(x) for j, t in enumerate(s)
+                        if not isinstance(t, (int, np.integer))), None)
+            if bad is None:
+                raise
+            r, j, t = bad
+            raise TypeError(f"{name} sequence {first_row + r}, position {j}: expected an "
+                            f"integer token id, got {type(t).__name__} {t!r:.40}") from e
     try:
         return check_tokens(tokens, lens.astype(np.int64, copy=False), vocab, max_len)
     except TokenRangeError as e:

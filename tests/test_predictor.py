@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -256,6 +257,11 @@ def test_array_ragged_and_list_inputs_agree(predictor):
     np.testing.assert_allclose(cut, predictor.embed([s[:2] for s in seqs]), atol=ATOL)
     np.testing.assert_allclose(predictor.predict(array, array, in0_lengths=lengths),
                                predictor.predict(seqs, seqs), atol=ATOL)
+    # a token that is not a number: its sequence and position (rows counted from 0)
+    for bad, got in (([[1, 2], [3, "a"]], "str 'a'"), ([[1], [[2]]], "list [2]"), ([[None]], "NoneType")):
+        with pytest.raises(TypeError, match=rf"in0 sequence {len(bad) - 1}, position \d: expected an "
+                                            rf"integer token id, got {re.escape(got)}"):
+            predictor.embed(bad)
     # an array of no columns is N empty sequences, as [[], ...] is
     np.testing.assert_array_equal(predictor.embed(np.zeros((2, 0), np.int32)),
                                   predictor.embed([[], []]))
