@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -483,6 +484,15 @@ def load_source(source: Path | str) -> tuple[Ratings, dict[int, Movie] | None]:
 
 
 def _load_zip(path: Path) -> tuple[Ratings, dict[int, Movie] | None]:
+    try:
+        return _read_zip(path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError,
+            RuntimeError) as e:  # a damaged or truncated archive (bad CRC, broken deflate)
+        raise MovieLensError(f"{path}: cannot read this zip archive ({e}); is it damaged "
+                             f"or incomplete?") from None
+
+
+def _read_zip(path: Path) -> tuple[Ratings, dict[int, Movie] | None]:
     with zipfile.ZipFile(path) as zf:
         names = {Path(n).name: n for n in reversed(zf.namelist())}  # first match wins
         for ratings_name, movies_name in (("u.data", "u.item"),

@@ -185,6 +185,18 @@ def test_zip_and_directory_sources_match_file(tmp_path):
     assert "ml-100k/u.data" in zipped.source
 
 
+def test_a_damaged_zip_source_is_a_clear_error(tmp_path):
+    _write_udata(tmp_path / "u.data", _ratings(seed=5))
+    with zipfile.ZipFile(tmp_path / "ml-100k.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(tmp_path / "u.data", "ml-100k/u.data")
+    body = bytearray((tmp_path / "ml-100k.zip").read_bytes())
+    body[len(body) // 3] ^= 0xFF  # inside the compressed data: bad CRC or a broken stream
+    (tmp_path / "ml-100k.zip").write_bytes(bytes(body))
+    with pytest.raises(ml.MovieLensError, match=r"ml-100k.zip: cannot read this zip archive "
+                                                r"\(.*\); is it damaged or incomplete\?"):
+        ml.prepare_movielens(tmp_path / "out", source=tmp_path / "ml-100k.zip")
+
+
 @pytest.mark.parametrize("text, line, words", [
     ("1\t2\t3\t4\n\n1\t3\t4\n", 3, ["expected 4", "got 3 field"]),
     ("1\t2\t3\t4\n2\tx\t4\t5\n", 2, ["item_id", "integer >= 1", "'x'"]),
