@@ -13,6 +13,11 @@ are complete on disk is ``model.json`` replaced (``os.replace``) to point at the
 at any moment leaves either the previous complete model or the new complete model; stale
 parameter directories are removed by the next save. Training state uses the same scheme
 under ``training/``.
+
+The manifest also records a CRC-32 of every saved array; loading checks them, so a
+damaged file is an error rather than silently different weights (orbax stores raw
+chunks without a checksum: a flipped bit in an embedding table loads without
+complaint). Manifests without checksums (written before they existed) load unchecked.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +64,52 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def _save_tree(directory: Path, tree: Any) -> None:
-    ckpt = _checkpointer()
-    ckpt.save(directory.absolute(), tree)
-    ckpt.wait_until_finished()
+    with _checkpointer() as ckpt:  # closed after use: no background threads left behind
+        ckpt.save(directory.absolute(), tree)
+        ckpt.wait_until_finished()
 
 
 def _restore_tree(directory: Path, target: Any = None) -> Any:
-    ckpt = _checkpointer()
-    if target is None:
-        return ckpt.restore(directory.absolute())
-    return ckpt.restore(directory.absolute(), target)
+    with _checkpointer() as ckpt:
+        try:
+            if target is None:
+                return ckpt.restore(directory.absolute())
+            return ckpt.restore(directory.absolute(), target)
+        except Exception as e:  # orbax and tensorstore raise ValueError, JSON errors, Exception
+            text = str(e).strip()
+            first = text.splitlines()[0][:300] if text else ""
+            raise ModelDirError(f"{directory}: cannot read the saved arrays ({type(e).__name__}: "
+                                f"{first}); the directory is damaged or incomplete: restore it "
+                                f"from a copy or train again") from e
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """``{"mlp/0/bias": "crc32:<8 hex digits>", ...}`` over each array's bytes (C order).
+
+    Names join the path's keys with "/", so a list index and the string key orbax
+    restores it as ("0") name the same array.
+    """
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                        for k in path)
+        data = np.ascontiguousarray(np.asarray(leaf))
+        out[name] = f"crc32:{zlib.crc32(data.view(np.uint8).reshape(-1)):08x}"
+    return out
+
+
+def _verify(path: Path, manifest: dict[str, Any], tree: Any) -> None:
+    """Compare a restored tree with the checksums its manifest recorded (if it has any)."""
+    saved = manifest.get("checksums")
+    if not isinstance(saved, dict):
+        return
+    got = checksums(tree)
+    for name, value in saved.items():
+        if got.get(name) != value:
+            raise ModelDirError(
+                f"{path}: array {name} does not match the checksum saved with it "
+                f"({got.get(name, 'missing')} != {value}); the parameter files are damaged: "
+                f"restore them from a copy or train again")
 
 
 def _commit(root: Path, manifest_name: str, prefix: str, tree: Any, manifest: dict[str, Any]) -> None:
@@ -75,7 +117,8 @@ def _commit(root: Path, manifest_name: str, prefix: str, tree: Any, manifest: di
     root.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     _save_tree(root / name, tree)
-    _write_json_atomic(root / manifest_name, {**manifest, "params_dir": name})
+    _write_json_atomic(root / manifest_name,
+                       {**manifest, "params_dir": name, "checksums": checksums(tree)})
     for stale in root.glob(f"{prefix}-*"):
         if stale.name != name:
             shutil.rmtree(stale, ignore_errors=True)
@@ -137,6 +180,7 @@ def load_model(model_dir: str | Path, target: Any = None) -> tuple[dict[str, str
     """
     manifest = read_manifest(model_dir)
     params = _restore_tree(Path(model_dir) / manifest["params_dir"], target)
+    _verify(Path(model_dir) / MANIFEST, manifest, params)
     return manifest["hyperparameters"], params, manifest["metadata"]
 
 
@@ -168,6 +212,7 @@ def load_training_state(model_dir: str | Path, target: Any) -> tuple[Any, dict[s
                             f"configuration needs {len(leaves)}; were the hyperparameters changed?")
     abstract = {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     restored = _restore_tree(root / manifest["params_dir"], abstract)
+    _verify(path, manifest, restored)
     state = jax.tree.unflatten(treedef, [restored[f"{i:05d}"] for i in range(len(leaves))])
     return state, manifest["info"]
 

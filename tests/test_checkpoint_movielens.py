@@ -79,6 +79,9 @@ def test_model_dir_is_small_complete_and_from_the_preset():
         assert same, (key, got, want)
     assert manifest["metadata"]["seed"] == 0
     assert manifest["metadata"]["epochs_run"] == int(preset["epochs"])
+    # Every array has a checksum (o2v_jax.load, in the fixture, verified them).
+    assert set(manifest["checksums"]) == {"embed0/embedding", "embed1/embedding", "mlp/0/bias",
+                                          "mlp/0/kernel", "output/bias", "output/kernel"}
 
 
 def test_model_card_names_terms_metrics_and_command():
