@@ -231,6 +231,11 @@ def _request_type(content_type: str | None) -> tuple[str, tuple[int, int] | None
     return _CANONICAL.get(media, media), caps
 
 
+def _seq_lens(caps: tuple[int, int] | None, max_seq_lens: tuple[int, int]) -> tuple[int, int]:
+    """Per side, min(infer_max_seqlens, max_seq_len), or max_seq_len without the parameter."""
+    return tuple(min(c, m) for c, m in zip(caps or max_seq_lens, max_seq_lens))
+
+
 def _parse_infer_max_seqlens(value: str) -> tuple[int, int]:
     lo, hi = INFER_MAX_SEQLEN_RANGE
     parts = [p.strip() for p in value.split(",")]
@@ -407,7 +412,7 @@ def _decode_npz(body: bytes, caps, vocab_sizes, max_seq_lens) -> Request:
         raise WireError(400, f"in1 has {len(ids[1])} rows but in0 has {len(ids[0])}; scores "
                              "need one in0 row per in1 row", "$.in1")
     mode = "scores" if ids[0] is not None and ids[1] is not None else "embeddings"
-    seq_lens = tuple(min(c, m) for c, m in zip(caps or max_seq_lens, max_seq_lens))
+    seq_lens = _seq_lens(caps, max_seq_lens)
     packed, truncated = [None, None], [0, 0]
     for side, key in enumerate(KEYS):
         if ids[side] is None:
@@ -609,7 +614,7 @@ def _build(instances, lines, media, caps, vocab_sizes, max_seq_lens) -> Request:
         )
     mode = "scores" if has[0].all() else "embeddings"
     encoder = None if mode == "scores" else KEYS[int(np.argmax(has[0]))]
-    seq_lens = tuple(min(c, m) for c, m in zip(caps or max_seq_lens, max_seq_lens))
+    seq_lens = _seq_lens(caps, max_seq_lens)
     packed, truncated = [None, None], [0, 0]
     for side in (0, 1):
         if has[0, side]:
