@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import checkpoint
+from . import checkpoint, native
 from .buckets import Batch, batches, prefetch
 from .config import Config
 from .data import PairData, Pretrained, negative_pairs
@@ -458,10 +458,15 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
             up, st = tx.update(g, st, p)
             if mask is not None:
                 up = up * mask.at[idx].get(mode="clip")
-            table = table.at[idx].add(up, mode="drop", **hint)
+            if one_shot:
+                table = table.at[idx].add(up, mode="drop", **hint)
+                write = lambda full, part: full.at[idx].set(part, mode="drop", **hint)  # noqa: E731
+            else:  # CPU chunks: the native row write-back (native.py), p + up = the add's floats
+                table = native.set_rows(table, idx, p + up)
+                write = lambda full, part: native.set_rows(full, idx, part)  # noqa: E731
             # Scalar leaves (Adam's step count) are written after the loop, once.
-            state = jax.tree.map(lambda full, part: full.at[idx].set(part, mode="drop", **hint)
-                                 if per_row(full) else full, state, st)
+            state = jax.tree.map(lambda full, part: write(full, part) if per_row(full) else full,
+                                 state, st)
             return table, state
 
         if one_shot:
