@@ -102,7 +102,7 @@ def shapes_of_one_epoch(data, config, seed: int = 99) -> dict[tuple[int, int], o
 class JaxLoop:
     """train()'s inner loop over a batch stream (o2v_jax.train.train, the epoch body)."""
 
-    def __init__(self, config, data, seed: int = 0, only_shape=None):
+    def __init__(self, config, data, seed: int = 0, only_shape=None, native_rows: bool = True):
         import jax
 
         from o2v_jax.train import build_steps, init_params, stage_batch, staged
@@ -110,7 +110,7 @@ class JaxLoop:
         self.jax = jax
         self.stage = stage_batch
         graphdef, self.params, keep = init_params(config, seed, (None, None))
-        self.steps = build_steps(graphdef, config, keep)
+        self.steps = build_steps(graphdef, config, keep, native_rows=native_rows)
         self.opt_state = self.steps.init_opt(self.params)
         self.dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
         self.stream = staged(stream(data, config, seed, only_shape))  # as train() feeds it
@@ -165,7 +165,7 @@ def torch_optimizers(torch, config, table_params, rest_params):
 class TorchLoop:
     """The same model and loop written plainly in PyTorch (pooled encoders only)."""
 
-    def __init__(self, config, data, seed: int = 0, only_shape=None):
+    def __init__(self, config, data, seed: int = 0, only_shape=None, native_rows: bool = True):
         import torch
         from torch import nn
 
@@ -231,14 +231,20 @@ class TorchLoop:
 # --------------------------------------------------------------------------- measurement
 
 def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, torch_ok: bool,
-            only_shape=None, warm_batches: int = 2) -> dict:
-    """Interleaved rounds of o2v-jax and torch; medians of records/s."""
+            only_shape=None, warm_batches: int = 2, xla_scatter: bool = False) -> dict:
+    """Interleaved rounds of o2v-jax and torch; medians of records/s.
+
+    ``xla_scatter`` also times o2v-jax with XLA's scatter writing the row_sparse loop's
+    rows back instead of the native kernel (o2v_jax/native.py): the code before it."""
     print(f"\n== {name}: B={config.mini_batch_size}, storage={config.token_embedding_storage_type}"
           f", {len(data):,} records"
           + (f" (x{1 + config.negative_sampling_rate} with negative sampling)"
              if config.negative_sampling_rate else ""), flush=True)
     t0 = time.perf_counter()
     loops = {"o2v-jax": JaxLoop(config, data, only_shape=only_shape)}
+    if xla_scatter:
+        loops["xla-scatter"] = JaxLoop(config, data, only_shape=only_shape, native_rows=False)
+        rounds = {**rounds, "xla-scatter": rounds["o2v-jax"]}
     if torch_ok:
         loops["torch"] = TorchLoop(config, data, only_shape=only_shape)
     build = time.perf_counter() - t0
@@ -251,12 +257,15 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
     # Warm-up: one batch of every bucket shape (compiles each), then a few more batches.
     t0 = time.perf_counter()
     shapes = shapes_of_one_epoch(data, config) if only_shape is None else {}
-    for batch in shapes.values():
-        staged, _, step = loops["o2v-jax"].stage(batch)  # as the stream stages it
-        loops["o2v-jax"].step(staged, step)
+    jax_loops = [loop for loop in loops.values() if isinstance(loop, JaxLoop)]
+    for loop in jax_loops:
+        for batch in shapes.values():
+            staged, _, step = loop.stage(batch)  # as the stream stages it
+            loop.step(staged, step)
     for loop in loops.values():
         loop.run(warm_batches)
-    loops["o2v-jax"].jax.block_until_ready(loops["o2v-jax"].params)
+    for loop in jax_loops:
+        loop.jax.block_until_ready(loop.params)
     warm = time.perf_counter() - t0
     print(f"  setup {build:.1f} s; warm-up {warm:.1f} s ({len(shapes) or 1} bucket shapes, "
           f"{loops['o2v-jax'].compiled()} executables)", flush=True)
@@ -265,11 +274,11 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
     for _ in range(repeat):
         for key, loop in loops.items():
             while True:
-                before = loop.compiled() if key == "o2v-jax" else 0
+                before = loop.compiled() if key != "torch" else 0
                 t = time.perf_counter()
                 records = loop.run(rounds[key])
                 dt = time.perf_counter() - t
-                if key != "o2v-jax" or loop.compiled() == before:
+                if key == "torch" or loop.compiled() == before:
                     break
                 discarded += 1  # a new shape (or row-set size) compiled inside the round
                 if discarded > 3 * repeat:
@@ -282,11 +291,15 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
               "records_per_second": {k: common.median(v) for k, v in rates.items()},
               "all_rates": rates}
     for key, v in rates.items():
-        print(f"  {key:8s} {common.fmt_rate(common.median(v)):>8} records/s "
+        print(f"  {key:11s} {common.fmt_rate(common.median(v)):>8} records/s "
               f"(median of {len(v)} rounds of {rounds[key]} batches; "
               f"min {common.fmt_rate(min(v))}, max {common.fmt_rate(max(v))})")
     if discarded:
         print(f"  ({discarded} round(s) with a compile discarded and re-run)")
+    if "xla-scatter" in rates:
+        gain = common.median(rates["o2v-jax"]) / common.median(rates["xla-scatter"])
+        result["ratio_vs_xla_scatter"] = gain
+        print(f"  native row write-back / XLA scatter: {gain:.2f}x")
     if "torch" in rates:
         ratio = common.median(rates["o2v-jax"]) / common.median(rates["torch"])
         result["ratio_vs_torch"] = ratio
@@ -324,9 +337,17 @@ def main(argv=None) -> None:
                     help="wikipedia table storage (movielens uses the preset's)")
     ap.add_argument("--positives", type=int, help="wikipedia positive records (x4 with negatives)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    ap.add_argument("--xla-scatter", action="store_true",
+                    help="row_sparse on the cpu layout: also time XLA's scatter as the row "
+                         "write-back instead of the native kernel (o2v_jax/native.py)")
     common.add_layout_arg(ap)
     args = ap.parse_args(argv)
-    print(f"o2v-jax code layout: {common.apply_layout(args)}")
+    layout = common.apply_layout(args)
+    print(f"o2v-jax code layout: {layout}")
+    if layout == "cpu":
+        from o2v_jax import native
+
+        print(f"row_sparse row write-back: {native.describe()}")
 
     torch_ok = not args.no_torch and common.try_import_torch() is not None
     from o2v_jax.config import from_hyperparameters
@@ -355,7 +376,8 @@ def main(argv=None) -> None:
                 rounds = {"o2v-jax": 2 if args.quick else 6, "torch": 2 if args.quick else 4}
             # --quick times the most common bucket only (one compile instead of ~16).
             r = measure(f"wikipedia {storage}", config, data, rounds=rounds, repeat=repeat,
-                        torch_ok=torch_ok, only_shape=(32, 50) if args.quick else None)
+                        torch_ok=torch_ok, only_shape=(32, 50) if args.quick else None,
+                        xla_scatter=args.xla_scatter and storage == "row_sparse" and layout == "cpu")
             r["sagemaker_k80_records_per_second"] = SAGEMAKER_K80[storage]
             print(f"  SageMaker, 1 K80 GPU (spec §7.3): ~{SAGEMAKER_K80[storage]:,} records/s; "
                   f"o2v-jax here / SageMaker: "

@@ -106,9 +106,9 @@ def _load() -> None:
     except (RuntimeError, OSError, AttributeError) as e:
         _state.update(ok=False, why=str(e))
         log.warning("row_sparse: the native row write-back is unavailable, using XLA's "
-                    "scatter (same results, ~15%% slower steps on CPU): %s", e)
+                    "scatter (same results, slower row_sparse steps on CPU): %s", e)
         return
-    _state.update(ok=True, why="", lib=lib)
+    _state.update(ok=True, why="", lib=lib, path=path)
     log.debug("native row write-back: %s (%.1f s)", path, time.perf_counter() - started)
 
 
@@ -118,6 +118,13 @@ def available() -> bool:
         if "ok" not in _state:
             _load()
         return bool(_state["ok"])
+
+
+def describe() -> str:
+    """One line for logs and benchmarks: which row write-back CPU steps use, and why."""
+    if available():
+        return f"native ({_state['path']})"
+    return f"XLA scatter ({_state['why']})"
 
 
 def _xla_set_rows(table: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:

@@ -337,7 +337,8 @@ class _RowRemap:
                          weights, root, step)
 
 
-def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) -> Steps:
+def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
+                native_rows: bool = True) -> Steps:
     """Build the jitted train and eval steps.
 
     Args:
@@ -345,6 +346,9 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
       config: the resolved configuration.
       keep: table name -> float32 (V, 1), 0 for frozen pretrained rows, 1 elsewhere;
         updates are multiplied by it so frozen rows never move (also under weight decay).
+      native_rows: False writes the CPU row_sparse loop's rows back with XLA's scatter
+        instead of the native kernel (:mod:`o2v_jax.native`; same results, slower), for
+        comparisons.
     """
     tx = make_optimizer(config)
     regression = config.is_regression
@@ -462,8 +466,8 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array]) ->
                 table = table.at[idx].add(up, mode="drop", **hint)
                 write = lambda full, part: full.at[idx].set(part, mode="drop", **hint)  # noqa: E731
             else:  # CPU chunks: the native row write-back (native.py), p + up = the add's floats
-                table = native.set_rows(table, idx, p + up)
-                write = lambda full, part: native.set_rows(full, idx, part)  # noqa: E731
+                table = native.set_rows(table, idx, p + up, native=native_rows)
+                write = lambda full, part: native.set_rows(full, idx, part, native=native_rows)  # noqa: E731
             # Scalar leaves (Adam's step count) are written after the loop, once.
             state = jax.tree.map(lambda full, part: write(full, part) if per_row(full) else full,
                                  state, st)
