@@ -41,7 +41,8 @@ _FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 _BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "why": str, "lib": the loaded CDLL
+_state: dict[str, object] = {}  # "ok": bool, "why": str, "lib": the loaded CDLL, "path"
+_registered: tuple[ctypes.CDLL, Path] | None = None  # the library XLA's handler lives in
 
 
 def _source() -> bytes:
@@ -92,22 +93,38 @@ def build(cache_dir: Path, cxx: str | None = None) -> Path:
     return target
 
 
+def open_library(cache_dir: Path) -> tuple[ctypes.CDLL, Path]:
+    """Build (if needed) and load the library from ``cache_dir``; a cached copy that does
+    not load (a full disk, an interrupted copy) is built again once."""
+    path = build(cache_dir)
+    try:
+        return ctypes.CDLL(str(path)), path
+    except OSError:
+        path.unlink(missing_ok=True)
+        path = build(cache_dir)
+        return ctypes.CDLL(str(path)), path
+
+
 def _load() -> None:
+    global _registered
     if os.environ.get(ENV, "1").strip() == "0":
         _state.update(ok=False, why=f"{ENV}=0")
+        return
+    if _registered is not None:  # XLA keeps the first handler for the process's lifetime
+        _state.update(ok=True, why="", lib=_registered[0], path=_registered[1])
         return
     from .movielens import default_cache_dir  # the o2v-jax cache root
 
     started = time.perf_counter()
     try:
-        path = build(default_cache_dir())
-        lib = ctypes.CDLL(str(path))
+        lib, path = open_library(default_cache_dir())
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
     except (RuntimeError, OSError, AttributeError) as e:
         _state.update(ok=False, why=str(e))
         log.warning("row_sparse: the native row write-back is unavailable, using XLA's "
                     "scatter (same results, slower row_sparse steps on CPU): %s", e)
         return
+    _registered = (lib, path)
     _state.update(ok=True, why="", lib=lib, path=path)
     log.debug("native row write-back: %s (%.1f s)", path, time.perf_counter() - started)
 

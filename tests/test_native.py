@@ -79,7 +79,8 @@ def test_build_is_cached_and_reports_compiler_failures(tmp_path):
 
 @pytest.mark.parametrize("how", ["env", "broken-compiler"])
 def test_without_the_library_set_rows_is_xla_scatter(monkeypatch, tmp_path, caplog, how):
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_state", {})  # as in a fresh process
+    monkeypatch.setattr(native, "_registered", None)
     if how == "env":
         monkeypatch.setenv(native.ENV, "0")
     else:
@@ -153,3 +154,11 @@ def test_row_sparse_step_writes_tables_in_place(monkeypatch, plan_min_tokens):
     assert f"f32[3000,{width}]" in text and native.TARGET in text
     copies = re.findall(rf"= f32\[3000,{width}\]\{{[^}}]*\}} copy(?:-start)?\(", text)
     assert not copies, f"{len(copies)} full-table copies in the compiled step"
+
+
+def test_a_damaged_cached_library_is_rebuilt(tmp_path):
+    path = native.build(tmp_path)
+    path.write_bytes(b"\x7fELF truncated")
+    lib, again = native.open_library(tmp_path)
+    assert again == path and path.stat().st_size > 1000
+    assert hasattr(lib, "O2vSetRows")
