@@ -162,3 +162,12 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path):
     lib, again = native.open_library(tmp_path)
     assert again == path and path.stat().st_size > 1000
     assert hasattr(lib, "O2vSetRows")
+
+
+def test_other_platforms_lower_to_xla_scatter():
+    # No GPU here, but lowering for one shows what it would run: XLA's scatter, not the
+    # CPU-only FFI target (jax.lax.platform_dependent picks the branch per platform).
+    table, idx, rows = _case(np.float32)
+    exported = jax.export.export(jax.jit(native.set_rows), platforms=["cuda"])(table, idx, rows)
+    text = exported.mlir_module()
+    assert native.TARGET not in text and "scatter" in text
