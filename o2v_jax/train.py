@@ -357,6 +357,8 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
     # made; on CPU, ROW_CHUNK-row chunks that stay in cache. encoders.layout() decides.
     one_shot = layout() == "accelerator"
     tied = config.tied_token_embedding_weight
+    if config.row_sparse and not one_shot and native_rows:
+        native.available()  # build or load the row write-back now, not inside the first step
 
     def loss_fn(params, in0, in1, labels, weights, key):
         output, _ = merge_params(graphdef, params)(in0, in1, dropout_key=key)
