@@ -338,13 +338,16 @@ def main(argv=None) -> None:
     ap.add_argument("--positives", type=int, help="wikipedia positive records (x4 with negatives)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--xla-scatter", action="store_true",
-                    help="row_sparse on the cpu layout: also time XLA's scatter as the row "
-                         "write-back instead of the native kernel (o2v_jax/native.py)")
+                    help="row_sparse on the CPU: also time XLA's scatter as the row write-back "
+                         "instead of the native kernel (o2v_jax/native.py)")
     common.add_layout_arg(ap)
     args = ap.parse_args(argv)
     layout = common.apply_layout(args)
     print(f"o2v-jax code layout: {layout}")
-    if layout == "cpu":
+    import jax
+
+    cpu_loop = layout == "cpu" and jax.default_backend() == "cpu"  # where native.set_rows runs
+    if cpu_loop:
         from o2v_jax import native
 
         print(f"row_sparse row write-back: {native.describe()}")
@@ -377,7 +380,7 @@ def main(argv=None) -> None:
             # --quick times the most common bucket only (one compile instead of ~16).
             r = measure(f"wikipedia {storage}", config, data, rounds=rounds, repeat=repeat,
                         torch_ok=torch_ok, only_shape=(32, 50) if args.quick else None,
-                        xla_scatter=args.xla_scatter and storage == "row_sparse" and layout == "cpu")
+                        xla_scatter=args.xla_scatter and storage == "row_sparse" and cpu_loop)
             r["sagemaker_k80_records_per_second"] = SAGEMAKER_K80[storage]
             print(f"  SageMaker, 1 K80 GPU (spec §7.3): ~{SAGEMAKER_K80[storage]:,} records/s; "
                   f"o2v-jax here / SageMaker: "
