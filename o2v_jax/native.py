@@ -88,7 +88,8 @@ def build(cache_dir: Path, cxx: str | None = None) -> Path:
             raise RuntimeError(f"{cxx} could not run: {e}") from None
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip()[-2000:]
-            raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{tail}")
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode})"
+                               + (f":\n{tail}" if tail else ""))
         os.replace(out, target)  # atomic: a concurrent build just replaces it with the same
     return target
 
