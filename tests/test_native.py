@@ -171,3 +171,16 @@ def test_other_platforms_lower_to_xla_scatter():
     exported = jax.export.export(jax.jit(native.set_rows), platforms=["cuda"])(table, idx, rows)
     text = exported.mlir_module()
     assert native.TARGET not in text and "scatter" in text
+
+
+@pytest.mark.parametrize("vocab,width,ids", [(4, 3, []), (4, 0, [1, 2]), (0, 3, [0, 1]),
+                                             (1, 5, [0, 0]), (6, 2, [5, -6, 6, -7])])
+def test_set_rows_edge_shapes(vocab, width, ids):
+    table = np.arange(vocab * width, dtype=np.float32).reshape(vocab, width)
+    idx = np.asarray(ids, np.int32)
+    rows = -1.0 - np.arange(len(ids) * width, dtype=np.float32).reshape(len(ids), width)
+    if len(set(ids)) < len(ids) and vocab == 1:
+        rows[:] = -7.0  # repeated ids: any write order gives the same table
+    got = jax.jit(native.set_rows)(table, idx, rows)
+    want = jnp.asarray(table).at[idx].set(rows, mode="drop")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
