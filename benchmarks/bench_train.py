@@ -165,7 +165,7 @@ def torch_optimizers(torch, config, table_params, rest_params):
 class TorchLoop:
     """The same model and loop written plainly in PyTorch (pooled encoders only)."""
 
-    def __init__(self, config, data, seed: int = 0, only_shape=None, native_rows: bool = True):
+    def __init__(self, config, data, seed: int = 0, only_shape=None):
         import torch
         from torch import nn
 

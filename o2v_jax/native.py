@@ -42,7 +42,7 @@ _FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 _BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "why": str, "lib": the loaded CDLL, "path"
+_state: dict[str, object] = {}  # "ok": bool, "why": str (empty when ok); decided once
 _registered: tuple[ctypes.CDLL, Path] | None = None  # the library XLA's handler lives in
 
 
@@ -113,7 +113,7 @@ def _load() -> None:
         _state.update(ok=False, why=f"{ENV}=0")
         return
     if _registered is not None:  # XLA keeps the first handler for the process's lifetime
-        _state.update(ok=True, why="", lib=_registered[0], path=_registered[1])
+        _state.update(ok=True, why="")
         return
     from .movielens import default_cache_dir  # the o2v-jax cache root
 
@@ -127,7 +127,7 @@ def _load() -> None:
                     "scatter (same results, slower row_sparse steps on CPU): %s", e)
         return
     _registered = (lib, path)
-    _state.update(ok=True, why="", lib=lib, path=path)
+    _state.update(ok=True, why="")
     log.debug("native row write-back: %s (%.1f s)", path, time.perf_counter() - started)
 
 
@@ -142,7 +142,7 @@ def available() -> bool:
 def describe() -> str:
     """One line for logs and benchmarks: which row write-back CPU steps use, and why."""
     if available():
-        return f"native ({_state['path']})"
+        return f"native ({_registered[1]})"
     return f"XLA scatter ({_state['why']})"
 
 
