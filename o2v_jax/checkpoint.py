@@ -29,10 +29,13 @@ import shutil
 import uuid
 import zlib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+
+from .config import Config, HyperparameterError, from_hyperparameters
 
 FORMAT = "o2v-jax-model/1"
 MANIFEST = "model.json"
@@ -172,6 +175,25 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def read_config(model_dir: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The model's :class:`~o2v_jax.config.Config` and its manifest.
+
+    The manifest stores the resolved hyperparameter map (``Config.to_hyperparameters()``),
+    which parses back to the same Config (docs/hyperparameters.md, "Resolved maps are
+    valid input"); every loader goes through here.
+
+    Raises:
+      ModelDirError: not a model directory, or its hyperparameters do not parse.
+    """
+    manifest = read_manifest(model_dir)
+    try:
+        config = from_hyperparameters(manifest["hyperparameters"])
+    except HyperparameterError as e:
+        raise ModelDirError(f"{Path(model_dir) / MANIFEST}: the saved hyperparameters do not "
+                            f"parse: {e}") from None
+    return config, manifest
+
+
 def load_model(model_dir: str | Path, target: Any = None) -> tuple[dict[str, str], Any, dict[str, Any]]:
     """Load ``(hyperparameters, params, metadata)`` from a model directory.
 
@@ -196,16 +218,28 @@ def save_training_state(model_dir: str | Path, state: Any, info: dict[str, Any])
             {"format": FORMAT, "info": info, "num_leaves": len(leaves)})
 
 
-def load_training_state(model_dir: str | Path, target: Any) -> tuple[Any, dict[str, Any]] | None:
+def training_info(model_dir: str | Path) -> dict[str, Any] | None:
+    """The ``info`` saved with the training state in ``model_dir``, or None if there is none."""
+    path = Path(model_dir) / "training" / STATE_MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["info"]
+
+
+def load_training_state(model_dir: str | Path,
+                        target: Any | Callable[[dict[str, Any]], Any]) -> tuple[Any, dict[str, Any]] | None:
     """Restore a state saved by :func:`save_training_state` into ``target``'s structure.
 
-    Returns None when there is nothing to resume from.
+    ``target`` may be a function of the saved ``info`` (when the structure depends on
+    what was saved). Returns None when there is nothing to resume from.
     """
     root = Path(model_dir) / "training"
     path = root / STATE_MANIFEST
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
+    if callable(target):
+        target = target(manifest["info"])
     leaves, treedef = jax.tree.flatten(target)
     if manifest["num_leaves"] != len(leaves):
         raise ModelDirError(f"{path}: saved state has {manifest['num_leaves']} arrays, this "

@@ -293,6 +293,27 @@ def _resolve_encoder(src: str, values: Mapping[str, Any]) -> EncoderConfig | Non
     )
 
 
+def _accept_coupled_token_dims(coupled: Mapping[str, tuple[int, str]], values: dict[str, Any],
+                               errors: list[str], enc1_is_enc0: bool) -> None:
+    """Accept an out-of-range ``encX_token_embedding_dim`` that equals ``enc_dim`` on a
+    pooled_embedding encoder: it is the value the coupling rule sets (spec §2.4), so the
+    resolved map every model directory stores is valid input (docs/hyperparameters.md,
+    "Resolved maps are valid input"). The range error stands for anything else."""
+    kept = {}
+    for name, (at, raw) in coupled.items():
+        side = "enc0" if name.startswith("enc1") and enc1_is_enc0 else name[:4]
+        try:
+            value = _parse(name, dataclasses.replace(SPECS[name], hi=None), raw)
+        except HyperparameterError:
+            continue
+        if values.get(f"{side}_network") == "pooled_embedding" and value == values.get("enc_dim"):
+            values[name] = value
+            kept[at] = True
+    # Remove accepted errors back to front so the recorded positions stay valid.
+    for at in sorted(kept, reverse=True):
+        del errors[at]
+
+
 def from_hyperparameters(mapping: Mapping[str, Any]) -> Config:
     """Validate a SageMaker hyperparameter map and resolve it into a :class:`Config`.
 
@@ -314,6 +335,9 @@ def from_hyperparameters(mapping: Mapping[str, Any]) -> Config:
         given[key] = _to_str(value) if not isinstance(value, str) else value
 
     values: dict[str, Any] = {}
+    # Token dims outside the user-facing range wait for the networks and enc_dim: a
+    # pooled_embedding encoder's may be the value its coupling rule sets (see below).
+    coupled: dict[str, tuple[int, str]] = {}
     for name, spec in SPECS.items():
         raw = given.get(name, spec.default)
         if raw is None:
@@ -321,12 +345,15 @@ def from_hyperparameters(mapping: Mapping[str, Any]) -> Config:
         try:
             values[name] = _parse(name, spec, raw)
         except HyperparameterError as e:
+            if name.endswith("_token_embedding_dim"):
+                coupled[name] = (len(errors), raw)
             errors.append(str(e))
 
     for name in ("enc0_max_seq_len", "enc0_vocab_size"):
         if name not in given:
             errors.append(f"{name} is required: expected {SPECS[name].describe()}")
     enc1_is_enc0 = values.get("enc1_network") == "enc0"
+    _accept_coupled_token_dims(coupled, values, errors, enc1_is_enc0)
     # An invalid enc1_network is already reported; don't pile "required" errors on it.
     if "enc1_network" in values and not enc1_is_enc0:
         for name in ("enc1_max_seq_len", "enc1_vocab_size"):

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import checkpoint, wire
 from .buckets import length_ladder, pad_sequences
-from .config import Config, from_hyperparameters
+from .config import Config
 from .data import Ragged, TokenRangeError, check_tokens, unpad
 from .model import abstract_model, merge_params
 
@@ -657,8 +657,7 @@ def load(model_dir: str | Path, *, preferred_mode: str | None = None,
     mode = resolve_preferred_mode(preferred_mode)  # fail before any slow work
     if compile_cache_dir is not None:
         enable_compilation_cache(compile_cache_dir)
-    manifest = checkpoint.read_manifest(model_dir)
-    config = from_hyperparameters(manifest["hyperparameters"])
+    config, _ = checkpoint.read_config(model_dir)
     graphdef, abstract = abstract_model(config)
     # Restore straight into host arrays; Predictor places each part where it runs.
     try:
