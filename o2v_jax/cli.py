@@ -79,6 +79,7 @@ def _sagemaker_paths(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from . import checkpoint
     from .config import format_config, load_hyperparameters
     from .data import read_auxiliary, read_channel
     from .train import train
@@ -101,7 +102,13 @@ def _run_train(args: argparse.Namespace) -> int:
             if (path := getattr(args, name)) is not None}
     pretrained = (None, None)
     needs_aux = any(e.pretrained_embedding_file for e in config.encoders)
-    if needs_aux:
+    state = checkpoint.training_info(args.model_dir) if args.resume else None
+    if needs_aux and state is not None and "frozen_tables" in state:
+        # The pretrained rows are in the saved parameters and the frozen-row masks in the
+        # state: the auxiliary files are not needed (and may be gone) to continue.
+        log.info("--resume: pretrained rows and frozen-row masks come from the saved training "
+                 "state; the auxiliary channel is not read")
+    elif needs_aux:
         if args.auxiliary is None:
             raise UsageError("a pretrained_embedding_file is set but no --auxiliary channel was given")
         pretrained = read_auxiliary(args.auxiliary, config)

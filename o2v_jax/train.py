@@ -97,6 +97,13 @@ def finish_metrics(sums: Mapping[str, float], regression: bool) -> dict[str, flo
 
 # --------------------------------------------------------------------------- steps
 
+def init_opt_state(tx: optax.GradientTransformation, params: Params) -> dict[str, Any]:
+    """The optimizer state: one for the dense parameters, one per token table (the
+    row_sparse step updates tables row by row)."""
+    rest, tables = _split_tables(params)
+    return {"rest": tx.init(rest), "tables": {k: tx.init(t) for k, t in tables.items()}}
+
+
 def _split_tables(params: Params) -> tuple[Params, dict[str, jax.Array]]:
     rest = {k: v for k, v in params.items() if k not in TABLES}
     tables = {k: params[k]["embedding"] for k in TABLES if k in params}
@@ -364,10 +371,6 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
         output, _ = merge_params(graphdef, params)(in0, in1, dropout_key=key)
         return objective(output, labels, weights, regression)
 
-    def init_opt(params):
-        rest, tables = _split_tables(params)
-        return {"rest": tx.init(rest), "tables": {k: tx.init(t) for k, t in tables.items()}}
-
     def dense_step(params, opt_state, in0, in1, labels, weights, root, step):
         key = jax.random.fold_in(root, step)
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, in0, in1, labels, weights, key)
@@ -524,7 +527,7 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
     return Steps(
         train_step=train_step,
         eval_step=jax.jit(eval_step),
-        init_opt=jax.jit(init_opt),
+        init_opt=jax.jit(functools.partial(init_opt_state, tx)),
     )
 
 
@@ -697,8 +700,7 @@ def train(
     model_dir = Path(model_dir)
     regression = config.is_regression
     graphdef, params, keep = init_params(config, seed, pretrained)
-    steps = build_steps(graphdef, config, keep)
-    opt_state = steps.init_opt(params)
+    opt_state = jax.jit(functools.partial(init_opt_state, make_optimizer(config)))(params)
     dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
     stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance)
     history: list[dict[str, Any]] = []
@@ -706,8 +708,15 @@ def train(
     start_epoch, global_step = 0, 0
 
     if resume:
-        target = {"params": params, "opt_state": opt_state,
-                  "best": params if validation is not None else {}}
+        def target(info: dict[str, Any]) -> dict[str, Any]:
+            # The frozen-row masks are part of the state (so resuming needs no auxiliary
+            # channel); states saved before they were have no "frozen_tables".
+            saved_keep = {name: np.ones((params[name]["embedding"].shape[0], 1), np.float32)
+                          for name in info.get("frozen_tables", ())}
+            return {"params": params, "opt_state": opt_state,
+                    "best": params if validation is not None else {},
+                    **({"keep": saved_keep} if "frozen_tables" in info else {})}
+
         restored = checkpoint.load_training_state(model_dir, target)
         if restored is None:
             log.warning("--resume: no training state in %s; starting from epoch 0", model_dir)
@@ -718,12 +727,21 @@ def train(
                     f"{model_dir}: the saved training state was made with other "
                     f"hyperparameters or seed; resume needs the same ones")
             params, opt_state = state["params"], state["opt_state"]
+            if "keep" in state:
+                keep = {name: jnp.asarray(mask) for name, mask in state["keep"].items()}
+            elif any(enc.pretrained_embedding_file for enc in config.encoders) and not any(
+                    p is not None for p in pretrained):
+                raise checkpoint.ModelDirError(
+                    f"{model_dir}: this training state predates saved frozen-row masks; "
+                    f"resume it with the auxiliary channel it was trained with")
             best_params = state["best"] if validation is not None else None
             start_epoch, global_step = info["epoch"] + 1, info["global_step"]
             history = info["history"]
             stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance,
                                     losses=info["losses"], bad=info["bad"])
             log.info("Resuming from epoch %d (global step %d)", start_epoch, global_step)
+
+    steps = build_steps(graphdef, config, keep)
 
     stopped_early = False
     epochs_done = start_epoch
@@ -766,8 +784,9 @@ def train(
         checkpoint.save_training_state(
             model_dir,
             {"params": params, "opt_state": opt_state,
-             "best": best_params if validation is not None else {}},
+             "best": best_params if validation is not None else {}, "keep": keep},
             {"epoch": epoch, "global_step": global_step, "history": history, "seed": seed,
+             "frozen_tables": sorted(keep),
              "losses": stopper.losses, "bad": stopper.bad,
              "hyperparameters": config.to_hyperparameters()})
         if stop:
@@ -801,10 +820,7 @@ def train(
 
 def load_for_evaluation(model_dir: str | Path) -> tuple[Config, Steps, Params]:
     """Rebuild a saved model's config, jitted steps and parameters."""
-    from .config import from_hyperparameters
-
-    manifest = checkpoint.read_manifest(model_dir)
-    config = from_hyperparameters(manifest["hyperparameters"])
+    config, _ = checkpoint.read_config(model_dir)
     graphdef, params, _ = init_params(config, 0, (None, None))
     _, params, _ = checkpoint.load_model(model_dir, target=jax.tree.map(np.asarray, params))
     params = jax.tree.map(jnp.asarray, params)
