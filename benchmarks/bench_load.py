@@ -53,7 +53,7 @@ def generate(path: Path, records: int, seed: int = 0, chunk: int = 50_000) -> No
 
 def naive_read(path: Path, limit: int):
     """The baseline: json.loads per line into lists, then flat arrays."""
-    from o2v_jax.data import Ragged
+    from o2v_jax.ragged import Ragged
 
     with open(path, "rb") as f:
         rows = [json.loads(line) for line in itertools.islice(f, limit)]

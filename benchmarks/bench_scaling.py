@@ -34,7 +34,8 @@ QUICK_SWEEPS = {"batch": [128, 512], "length": [10, 50], "vocab": [10_000, 267_5
 
 
 def fixed_length_pairs(n: int, length: int, vocab: int, seed: int = 0):
-    from o2v_jax.data import PairData, Ragged
+    from o2v_jax.data import PairData
+    from o2v_jax.ragged import Ragged
 
     rng = np.random.default_rng(seed)
     offsets = np.arange(n + 1, dtype=np.int64) * length

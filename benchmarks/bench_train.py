@@ -310,7 +310,7 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
 def host_batching(config, data, seed: int = 0) -> dict:
     """Host work alone: negative sampling and batches() over one epoch (no training)."""
     from o2v_jax.buckets import batches
-    from o2v_jax.data import negative_pairs
+    from o2v_jax.sampling import negative_pairs
 
     t0 = time.perf_counter()
     epoch_data = data

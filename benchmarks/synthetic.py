@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from o2v_jax.data import PairData, Ragged
+from o2v_jax.data import PairData
+from o2v_jax.ragged import Ragged
 
 WIKI_VOCAB = 267_522
 WIKI_SPECIAL = 4  # <pad>=0, <unk>, <s>, </s>

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from o2v_jax import movielens  # noqa: E402
-from o2v_jax.data import PairData, Ragged  # noqa: E402
+from o2v_jax.data import PairData  # noqa: E402
+from o2v_jax.ragged import Ragged  # noqa: E402
 
 TUNE_PER_USER = 10  # as ua.test, capped at half of each user's ua.base ratings
 

@@ -14,6 +14,6 @@ __all__ = ["load", "__version__"]
 
 def load(model_dir, **kwargs):
     """Load a trained model directory for inference; see :class:`o2v_jax.predictor.Predictor`."""
-    from .predictor import load as _load
+    from o2v_jax.predictor import load as _load
 
     return _load(model_dir, **kwargs)

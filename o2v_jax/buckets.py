@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from o2v_jax.config import Config
-from o2v_jax.data import PairData, Pairs, Ragged
+from o2v_jax.data import PairData
+from o2v_jax.ragged import Ragged
+from o2v_jax.sampling import Pairs
 
 DEFAULT_LADDER_START = 8  # bucket_width=0: powers of two from here, then max_seq_len
 T = TypeVar("T")

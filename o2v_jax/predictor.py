@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,17 +44,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, wire
-from .buckets import length_ladder, pad_sequences
-from .config import Config
-from .data import Ragged, TokenRangeError, check_tokens, unpad
-from .model import abstract_model, merge_params
+from o2v_jax import checkpoint, env, wire
+from o2v_jax.env import DEFAULT_PREFERRED_MODE, PREFERRED_MODES
+from o2v_jax.buckets import length_ladder, pad_sequences
+from o2v_jax.config import Config
+from o2v_jax.ragged import Ragged, TokenRangeError, TokenTypeError, check_tokens, flatten, unpad
+from o2v_jax.model import abstract_model, merge_params
 
 log = logging.getLogger("o2v_jax")
 
-ENV_PREFERRED_MODE = "INFERENCE_PREFERRED_MODE"  # spec §5.6
-PREFERRED_MODES = ("embedding", "classification")
-DEFAULT_PREFERRED_MODE = "classification"  # everything on the accelerator
 BATCH_SIZES = (1, 8, 64, 512)  # rows per call; each length bucket uses those that fit
 MAX_BATCH_TOKENS = 32_768  # rows * L cap: bounds activation memory (B, L, D) per call
 CHUNK_SIZE = 65_536  # sequences converted, padded and encoded at a time
@@ -76,27 +72,16 @@ Key = tuple  # ("encode", side, B, L) or ("head", B)
 
 # --------------------------------------------------------------------------- settings
 
-def preferred_mode_from_env() -> str | None:
-    """``INFERENCE_PREFERRED_MODE`` (spec §5.6), or None when unset or empty.
-
-    The one place the library reads this environment variable.
-    """
-    return os.environ.get(ENV_PREFERRED_MODE, "").strip() or None
-
-
 def resolve_preferred_mode(mode: str | None) -> str:
     """The preferred mode to use: ``mode``, else the environment variable, else the default.
 
     Raises:
         ValueError: the value is not ``embedding`` or ``classification``.
     """
-    source = "preferred_mode"
     if mode is None:
-        mode, source = preferred_mode_from_env(), ENV_PREFERRED_MODE
-        if mode is None:
-            return DEFAULT_PREFERRED_MODE
+        return env.preferred_mode() or DEFAULT_PREFERRED_MODE
     if not isinstance(mode, str) or mode.strip().lower() not in PREFERRED_MODES:
-        raise ValueError(f"{source}={mode!r} is invalid; expected one of "
+        raise ValueError(f"preferred_mode={mode!r} is invalid; expected one of "
                          f"{', '.join(PREFERRED_MODES)} (spec §5.6)")
     return mode.strip().lower()
 
@@ -174,24 +159,15 @@ def _as_ragged(x: Any, lengths: Any, vocab: int, max_len: int, name: str,
             raise TypeError(f"{name}: expected a list of token-id lists, a Ragged or a 2-D "
                             f"int array, got {type(x).__name__}")
         try:
-            lens = np.fromiter(map(len, x), np.int64, count=len(x))
-        except TypeError:
-            bad = next(i for i, s in enumerate(x) if not hasattr(s, "__len__"))
-            raise TypeError(f"{name}[{first_row + bad}]: expected a list of token ids, got "
-                            f"{type(x[bad]).__name__} (pass [[...], ...], one list per "
-                            f"sequence)") from None
-        try:
-            tokens = np.fromiter(itertools.chain.from_iterable(x), np.int64, count=int(lens.sum()))
-        except OverflowError:  # an id beyond int64 cannot be in the vocabulary
-            tokens = np.array([t if abs(t) < 2**62 else -1 for s in x for t in s], np.int64)
-        except (TypeError, ValueError) as e:  # a string, a nested list, None: say where
-            bad = next(((r, j, t) for r, s in enumerate(x) for j, t in enumerate(s)
-                        if not isinstance(t, (int, np.integer))), None)
-            if bad is None:
-                raise
-            r, j, t = bad
-            raise TypeError(f"{name} sequence {first_row + r}, position {j}: expected an "
-                            f"integer token id, got {type(t).__name__} {t!r:.40}") from e
+            tokens, lens = flatten(x)
+        except TokenTypeError as e:
+            if e.position is None:
+                raise TypeError(f"{name}[{first_row + e.row}]: expected a list of token ids, got "
+                                f"{type(e.value).__name__} (pass [[...], ...], one list per "
+                                f"sequence)") from None
+            raise TypeError(f"{name} sequence {first_row + e.row}, position {e.position}: expected "
+                            f"an integer token id, got {type(e.value).__name__} "
+                            f"{e.value!r:.40}") from e
     try:
         return check_tokens(tokens, lens.astype(np.int64, copy=False), vocab, max_len)
     except TokenRangeError as e:
@@ -204,8 +180,7 @@ def _as_ragged(x: Any, lengths: Any, vocab: int, max_len: int, name: str,
 def _slice(x: Any, lengths: Any, start: int, stop: int) -> tuple[Any, Any]:
     """Rows [start, stop) of an input and its lengths (views where possible)."""
     if isinstance(x, Ragged):
-        o = x.offsets[start:stop + 1]
-        return Ragged(x.tokens[o[0]:o[-1]], o - o[0]), None
+        return x.slice(start, stop), None
     return x[start:stop], None if lengths is None else np.asarray(lengths)[start:stop]
 
 

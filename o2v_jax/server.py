@@ -17,7 +17,6 @@ statuses, limits and environment variables.
 API::
 
     Settings                               frozen: every limit and default, validated once
-    settings_from_env(environ) -> EnvSettings   the only reader of environment variables
     resolve_settings(args, environ) -> Settings  flags > environment > defaults
     Response(status, headers, body)
     App(settings): .handle(...), .route(method, path), .ready(predictor), .failed(message)
@@ -34,7 +33,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import re
 import signal
 import socket
@@ -52,16 +50,13 @@ from urllib.parse import urlsplit
 import msgspec
 
 from o2v_jax import __version__, wire
-from o2v_jax.data import Ragged
+from o2v_jax import env as env_vars
+from o2v_jax.env import BATCH_STRATEGIES, MAX_PAYLOAD_MB, PREFERRED_MODES
+from o2v_jax.ragged import Ragged
 
 log = logging.getLogger("o2v_jax")
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
-MAX_PAYLOAD_MB = 100  # SageMaker's ceiling for MaxPayloadInMB
-BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
-# spec §5.6. predictor.PREFERRED_MODES holds the same names; importing it would import
-# jax before the socket is bound, and /ping must answer within 250 ms of start.
-PREFERRED_MODES = ("classification", "embedding")
 
 
 # --------------------------------------------------------------------------- settings
@@ -115,63 +110,7 @@ def _default(name: str) -> Any:
     return Settings.__dataclass_fields__[name].default
 
 
-@dataclasses.dataclass(frozen=True)
-class EnvSettings:
-    """What the environment asks for; None where a variable is unset or empty."""
-
-    port: int | None = None  # SAGEMAKER_BIND_TO_PORT (inference pipelines)
-    threads: int | None = None  # SAGEMAKER_MAX_CONCURRENT_TRANSFORMS (0: ours)
-    max_body_mb: int | None = None  # SAGEMAKER_MAX_PAYLOAD_IN_MB (0, "any size": the 100 ceiling)
-    batch_strategy: str | None = None  # SAGEMAKER_BATCH_STRATEGY
-    batch: bool = False  # SAGEMAKER_BATCH
-    preferred_mode: str | None = None  # INFERENCE_PREFERRED_MODE
-
-
-def settings_from_env(environ: Mapping[str, str]) -> EnvSettings:
-    """Read the documented environment variables: the only place the server does.
-
-    Raises:
-        ValueError: a variable that is set but malformed; the message names it.
-    """
-
-    def get(name: str) -> str | None:
-        value = environ.get(name, "").strip()
-        return value or None
-
-    def integer(name: str) -> int | None:
-        value = get(name)
-        if value is None:
-            return None
-        if not re.fullmatch(r"[0-9]{1,9}", value):
-            raise ValueError(f"{name}={value!r}: expected a non-negative integer")
-        return int(value)
-
-    threads = integer("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS")
-    payload = integer("SAGEMAKER_MAX_PAYLOAD_IN_MB")
-    strategy = get("SAGEMAKER_BATCH_STRATEGY")
-    if strategy is not None:
-        # The API spells them MultiRecord/SingleRecord, the container variable MULTI_RECORD.
-        normal = {s.replace("_", ""): s for s in BATCH_STRATEGIES}.get(strategy.upper().replace("_", ""))
-        if normal is None:
-            raise ValueError(f"SAGEMAKER_BATCH_STRATEGY={strategy!r}: expected MULTI_RECORD or SINGLE_RECORD")
-        strategy = normal
-    batch = (get("SAGEMAKER_BATCH") or "false").lower()
-    if batch not in ("true", "false", "1", "0"):
-        raise ValueError(f"SAGEMAKER_BATCH={batch!r}: expected true or false")
-    mode = get("INFERENCE_PREFERRED_MODE")
-    if mode is not None and mode.lower() not in PREFERRED_MODES:
-        raise ValueError(f"INFERENCE_PREFERRED_MODE={mode!r}: expected classification or embedding")
-    return EnvSettings(
-        port=integer("SAGEMAKER_BIND_TO_PORT"),
-        threads=threads or None,
-        max_body_mb=MAX_PAYLOAD_MB if payload == 0 else payload,
-        batch_strategy=strategy,
-        batch=batch in ("true", "1"),
-        preferred_mode=mode and mode.lower(),
-    )
-
-
-def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings for ``o2v serve``: command-line flags > environment > defaults.
 
     SageMaker mode (``--sagemaker``, or no ``--model-dir`` as ``docker run IMAGE serve``
@@ -179,7 +118,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     INFERENCE_PREFERRED_MODE is honoured in both modes.
     """
     sagemaker = args.sagemaker or args.model_dir is None
-    env = settings_from_env(environ)
+    env = env_vars.serving(environ)
     values: dict[str, Any] = {"model_dir": args.model_dir or SAGEMAKER_MODEL_DIR, "sagemaker": sagemaker,
                               "preferred_mode": env.preferred_mode}
     if sagemaker:
@@ -886,7 +825,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """``o2v serve``: serve until SIGTERM/SIGINT. Returns the exit code."""
     try:
-        settings = resolve_settings(args, os.environ)
+        settings = resolve_settings(args)
     except ValueError as e:
         print(f"o2v serve: error: {e}", file=sys.stderr)
         return 2

@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import checkpoint, native
-from .buckets import Batch, batches, prefetch
-from .config import Config
-from .data import PairData, Pretrained, negative_pairs
-from .encoders import bag_counts, dropout, embedding_bag_mean, embedding_bag_mean_grad, layout
-from .model import Object2Vec, abstract_model, merge_params, nnx_rngs, split_params
+from o2v_jax import checkpoint, native
+from o2v_jax.buckets import Batch, batches, prefetch
+from o2v_jax.config import Config
+from o2v_jax.data import PairData
+from o2v_jax.pretrained import Pretrained
+from o2v_jax.sampling import negative_pairs
+from o2v_jax.encoders import bag_counts, dropout, embedding_bag_mean, embedding_bag_mean_grad, layout
+from o2v_jax.model import Object2Vec, abstract_model, merge_params, nnx_rngs, split_params
 
 log = logging.getLogger("o2v_jax")
 
@@ -829,7 +831,7 @@ def load_for_evaluation(model_dir: str | Path) -> tuple[Config, Steps, Params]:
 
 def evaluate(model_dir: str | Path, data_path: str | Path) -> dict[str, float]:
     """Metrics of a saved model on a labelled JSON Lines file or directory."""
-    from .data import read_channel
+    from o2v_jax.data import read_channel
 
     config, steps, params = load_for_evaluation(model_dir)
     data = read_channel(data_path, config, name="evaluation")

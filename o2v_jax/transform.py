@@ -36,8 +36,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from . import wire
-from .data import DataError, Ragged
+from o2v_jax import wire
+from o2v_jax.data import DataError
+from o2v_jax.ragged import Ragged
 
 log = logging.getLogger("o2v_jax")
 
@@ -357,7 +358,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run ``o2v transform``; prints a JSON summary line, returns the exit status."""
-    from .predictor import load
+    from o2v_jax.predictor import load
 
     predictor = load(args.model_dir, compile_cache_dir=args.compile_cache_dir)
     progress = not args.no_progress and sys.stderr.isatty()

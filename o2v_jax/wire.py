@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import itertools
 import logging
 import math
 import re
@@ -44,7 +43,7 @@ import msgspec
 import numpy as np
 import orjson
 
-from o2v_jax.data import Ragged, TokenRangeError, check_tokens, unpad
+from o2v_jax.ragged import Ragged, TokenRangeError, check_tokens, flatten, unpad
 
 log = logging.getLogger("o2v_jax")
 
@@ -634,17 +633,11 @@ def _pack(seqs: list[list[int]], side: int, vocab: int, cap: int, path: Callable
     Returns:
         (Ragged with int32 tokens (T,) and int64 offsets (N+1,), number truncated).
     """
-    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     try:
-        # fromiter over a chain: ~25 ns per token, half the time of concatenating per-record arrays.
-        tokens = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
-    except OverflowError:  # an id beyond int64: find it the slow way (error path only)
-        r, j = next((r, j) for r, s in enumerate(seqs) for j, t in enumerate(s) if not 0 <= t < vocab)
-        raise _range_error(seqs[r][j], side, vocab, f"{path(r)}.{KEYS[side]}[{j}]") from None
-    try:
-        return check_tokens(tokens, lengths, vocab, cap)
-    except TokenRangeError as e:
-        raise _range_error(e.value, side, vocab, f"{path(e.row)}.{KEYS[side]}[{e.position}]") from None
+        return check_tokens(*flatten(seqs), vocab, cap)
+    except TokenRangeError as e:  # the value from the request: flatten clamps ids beyond int64
+        raise _range_error(seqs[e.row][e.position], side, vocab,
+                           f"{path(e.row)}.{KEYS[side]}[{e.position}]") from None
 
 
 def _range_error(token: int, side: int, vocab: int, path: str) -> WireError:

@@ -7,7 +7,9 @@ import pytest
 
 from o2v_jax.buckets import batches, count_batches, length_ladder, pad_sequences, prefetch
 from o2v_jax.config import from_hyperparameters
-from o2v_jax.data import PairData, Pairs, Ragged, negative_pairs, negative_sample
+from o2v_jax.data import PairData
+from o2v_jax.ragged import Ragged
+from o2v_jax.sampling import Pairs, negative_pairs, negative_sample
 
 
 def config(**overrides):

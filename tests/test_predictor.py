@@ -20,9 +20,10 @@ from conftest import tiny_hp, train_tiny_model
 import o2v_jax
 from o2v_jax import checkpoint, wire
 from o2v_jax.config import from_hyperparameters
-from o2v_jax.data import Ragged
+from o2v_jax.ragged import Ragged
 from o2v_jax.model import abstract_model, merge_params
-from o2v_jax.predictor import ENV_PREFERRED_MODE, batch_plan, load
+from o2v_jax.env import PREFERRED_MODE as ENV_PREFERRED_MODE
+from o2v_jax.predictor import batch_plan, load
 from o2v_jax.train import init_params
 
 ATOL = 1e-5  # float32 on CPU; see docs/inference.md "Same answers everywhere"

@@ -324,7 +324,8 @@ def test_pretrained_model_needs_no_auxiliary_after_training(tmp_path, capsys):
     channel: the pretrained rows live in the parameters, the frozen-row masks in the
     training state. Here the channel is deleted between an interrupted run and its resume."""
     from o2v_jax.cli import main
-    from o2v_jax.data import read_auxiliary, read_channel
+    from o2v_jax.data import read_channel
+    from o2v_jax.pretrained import read_auxiliary
     from o2v_jax.train import train
 
     hp = {"enc0_network": "pooled_embedding", "enc0_vocab_size": 40, "enc0_max_seq_len": 8,

@@ -308,23 +308,6 @@ def resolve(argv, environ) -> Settings:
     return server.resolve_settings(parse_serve(argv)[0], environ)
 
 
-def test_settings_from_env_reads_sagemaker_variables():
-    env = server.settings_from_env({
-        "SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "8",
-        "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SAGEMAKER_BATCH_STRATEGY": "SingleRecord",
-        "SAGEMAKER_BATCH": "true", "INFERENCE_PREFERRED_MODE": " Embedding ", "UNRELATED": "x"})
-    assert env == server.EnvSettings(port=9090, threads=8, max_body_mb=20, batch_strategy="SINGLE_RECORD",
-                                     batch=True, preferred_mode="embedding")
-    assert server.settings_from_env({}) == server.EnvSettings()
-    # 0 means "SageMaker decides" / "any size": our default / the 100 MiB ceiling.
-    env = server.settings_from_env({"SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "0", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"})
-    assert env.threads is None and env.max_body_mb == 100
-    for name, value in [("SAGEMAKER_MAX_PAYLOAD_IN_MB", "6MB"), ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
-                        ("INFERENCE_PREFERRED_MODE", "gpu"), ("SAGEMAKER_BATCH", "maybe")]:
-        with pytest.raises(ValueError, match=name):
-            server.settings_from_env({name: value})
-
-
 def test_resolve_settings_sagemaker_mode_and_precedence():
     env = {"SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20",
            "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "8", "INFERENCE_PREFERRED_MODE": "embedding"}

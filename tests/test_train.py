@@ -14,7 +14,8 @@ from conftest import group_pairs, tiny_hp, write_jsonl
 from o2v_jax import checkpoint
 from o2v_jax.buckets import batches
 from o2v_jax.config import from_hyperparameters
-from o2v_jax.data import Pretrained, read_channel
+from o2v_jax.data import read_channel
+from o2v_jax.pretrained import Pretrained
 from o2v_jax.train import (EarlyStopping, build_steps, evaluate, init_params, objective,
                            quality_line, train)
 
