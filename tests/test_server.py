@@ -610,6 +610,89 @@ def test_saturation_answers_503_with_retry_after():
         assert h["retry-after"] == "1"
 
 
+def test_ping_answers_200_while_every_inference_slot_is_busy():
+    # SageMaker pings a busy endpoint too: /ping must never wait for an inference slot
+    # (docs/serving.md: "/ping never waits for a model call or an inference slot").
+    gate = threading.Event()
+    fake = FakePredictor(gate=gate)
+    with serving(fake, threads=2, queue_timeout=0.2) as (app, port), ThreadPoolExecutor(2) as pool:
+        try:
+            body = json.dumps({"instances": EMBED})
+            held = [pool.submit(call, port, "POST", "/invocations", body) for _ in range(2)]
+            wait_until(lambda: len(fake.calls) == 2, "both slots are held")
+            # Full: a third request waits queue_timeout for a slot, then gets 503.
+            assert_json_error(*call(port, "POST", "/invocations", body), 503, match="inference slots")
+            assert call(port, "GET", "/ping")[:3:2] == (200, b"")
+            assert call(port, "HEAD", "/ping")[0] == 200
+            assert app.handle("GET", "/ping", {}, b"") == (200, (), b"")
+            assert call(port, "GET", "/execution-parameters")[0] == 200
+            assert not any(f.done() for f in held)  # the slots were busy all along
+        finally:
+            gate.set()  # before the server's drain on leaving
+        assert [f.result(HANG)[0] for f in held] == [200, 200]
+
+
+def test_http_limits_documented_in_serving_md():
+    # docs/serving.md, "Statuses and errors": 414 request line over 64 KiB; 431 a header
+    # line over 64 KiB or more than 99 headers (the stdlib's limits, answered as JSON);
+    # 505 HTTP/2 or later. Each at its boundary: one byte or one header less is served.
+    def request(line: bytes, headers: list[bytes] = ()) -> bytes:
+        return line + b"".join(headers) + b"Connection: close\r\n\r\n"
+
+    def ping_line(size: int) -> bytes:  # "GET /ping?xxx HTTP/1.1\r\n", `size` bytes with CRLF
+        return b"GET /ping?" + b"x" * (size - len(b"GET /ping? HTTP/1.1\r\n")) + b" HTTP/1.1\r\n"
+
+    def header(size: int) -> bytes:  # one "X-Long: aaa\r\n" header line of `size` bytes
+        return b"X-Long: " + b"a" * (size - len(b"X-Long: \r\n")) + b"\r\n"
+
+    with serving(FakePredictor()) as (_, port):
+        assert raw(port, request(ping_line(65536)))[:3:2] == (200, b"")
+        status, h, body = raw(port, request(ping_line(65537)))
+        assert_json_error(status, h, body, 414, match="request line longer than 65536 bytes")
+        assert h["connection"] == "close"
+
+        ok = b"GET /ping HTTP/1.1\r\n"
+        assert raw(port, request(ok, [header(65536)]))[0] == 200
+        status, h, body = raw(port, request(ok, [header(65537)]))
+        assert_json_error(status, h, body, 431, match="Line too long")
+        assert h["connection"] == "close"
+        # http.client counts the empty line that ends the headers as one of its 100, so
+        # 99 header fields are served and 100 are refused.
+        many = [b"X-H%d: 1\r\n" % i for i in range(98)]  # + Connection: close = 99 fields
+        assert raw(port, request(ok, many))[0] == 200
+        status, h, body = raw(port, request(ok, many + [b"X-One-More: 1\r\n"]))
+        assert_json_error(status, h, body, 431, match="Too many headers")
+
+        for version in (b"HTTP/2.0", b"HTTP/3.0"):
+            status, h, body = raw(port, b"GET /ping " + version + b"\r\n\r\n")
+            assert_json_error(status, h, body, 505, match="Invalid HTTP version")
+        assert call(port, "GET", "/ping")[0] == 200  # still serving
+
+
+def test_a_body_trickled_past_body_timeout_gets_408():
+    # A client that sends a byte every 10 ms never trips the per-read timeout; the
+    # whole-body deadline (body_timeout) cuts it off (docs/serving.md: "a client that
+    # trickles bytes cannot hold a thread longer").
+    with serving(FakePredictor(), read_timeout=HANG, body_timeout=0.5) as (_, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
+            t0 = time.monotonic()
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100000\r\n\r\n")
+            s.settimeout(0.01)
+            first = b""
+            while not first:  # trickle until the server answers (or the hang guard)
+                assert time.monotonic() - t0 < HANG, "the trickled body was never cut off"
+                s.sendall(b" ")
+                with contextlib.suppress(TimeoutError):
+                    first = s.recv(65536)
+            s.settimeout(HANG)
+            status, h, body = parse(first + recv_all(s))
+        assert_json_error(status, h, body, 408, match="request body not received within 0.5 s")
+        assert h["connection"] == "close"
+        assert time.monotonic() - t0 >= 0.5
+        assert call(port, "GET", "/ping")[0] == 200
+
+
 def test_connection_cap_refuses_with_503():
     with serving(FakePredictor(), max_connections=2) as (_, port):
         held = [http.client.HTTPConnection("127.0.0.1", port, timeout=5) for _ in range(2)]
