@@ -125,12 +125,12 @@ def serving(predictor=None, **overrides):
     try:
         yield app, srv.address[1]
     finally:
-        assert srv.stop(drain_timeout=5)
+        assert srv.stop(drain_timeout=HANG)
 
 
 def call(port, method, path, body=None, headers=None, conn=None):
     """One request with http.client; returns (status, headers dict, body)."""
-    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
     try:
         c.request(method, path, body=body, headers=headers or {})
         r = c.getresponse()
@@ -140,7 +140,7 @@ def call(port, method, path, body=None, headers=None, conn=None):
             c.close()
 
 
-def raw(port, data: bytes, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+def raw(port, data: bytes, timeout: float = HANG) -> tuple[int, dict, bytes]:
     """Send raw bytes, read until the server closes; parse one response."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
@@ -399,7 +399,7 @@ def test_ping_answers_503_at_once_then_200_with_empty_body():
 @pytest.mark.parametrize("records", [PAIRS, EMBED], ids=["scores", "embeddings"])
 def test_invocations_formats_on_one_keep_alive_connection(content_type, accept, records):
     with serving(FakePredictor()) as (_, port):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
         if content_type == "application/json":
             body = json.dumps({"instances": records})
         else:
@@ -443,7 +443,7 @@ def npz_body(records: list[dict]) -> bytes:
 @pytest.mark.parametrize("records", [PAIRS, EMBED], ids=["scores", "embeddings"])
 def test_npz_requests_answer_npy_by_default_and_json_when_asked(records):
     with serving(FakePredictor()) as (_, port):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
         body = npz_body(records)
         key = "scores" if len(records[0]) == 2 else "embeddings"
         for accept, want_type in ((None, "application/x-npy"), ("*/*", "application/x-npy"),
@@ -527,7 +527,7 @@ def test_oversize_body_is_refused_without_reading_it():
             status, h, body = parse(recv_all(s))
         assert_json_error(status, h, body, 413)
         # Chunked: refused as soon as the running total passes the cap.
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
             s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
             chunk = b"%x\r\n%s\r\n" % (1 << 19, b" " * (1 << 19))
             s.sendall(chunk * 2)  # exactly 1 MiB: still allowed
@@ -550,7 +550,7 @@ def test_chunked_body_and_expect_100_continue_are_served():
                                     + chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
         assert status == 200
         assert_values([p["embeddings"] for p in json.loads(body)["predictions"]], records)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
             s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
                       b"Content-Length: %d\r\n\r\n" % len(payload))
             assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -695,7 +695,7 @@ def test_a_body_trickled_past_body_timeout_gets_408():
 
 def test_connection_cap_refuses_with_503():
     with serving(FakePredictor(), max_connections=2) as (_, port):
-        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=5) for _ in range(2)]
+        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=HANG) for _ in range(2)]
         for c in held:  # two open keep-alive connections hold both handler threads
             assert call(port, "GET", "/ping", conn=c)[0] == 200
         status, h, body = raw(port, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -972,4 +972,4 @@ def test_end_to_end_with_a_real_tiny_model(tmp_path):
         status, h, out = call(port, "POST", "/invocations", json.dumps({"instances": [{"in0": [99]}]}))
         assert_json_error(status, h, out, 400, path="$.instances[0].in0[0]", match="out of range")
     finally:
-        assert srv.stop(5)
+        assert srv.stop(HANG)
