@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -74,3 +75,20 @@ def test_a_flipped_byte_in_the_stored_arrays_never_loads_silently(tmp_path):
             np.testing.assert_array_equal(mlp["bias"], want["mlp"][0]["bias"])
         chunk.write_bytes(original)
     checkpoint.load_model(model_dir)  # intact again
+
+
+def test_the_training_state_records_checksums_and_resuming_checks_them(tmp_path):
+    # What `--resume` restores from: damage there must be an error, as in a model directory.
+    state = {"params": params(), "opt_state": (np.arange(3, dtype=np.int32), {"mu": params(1)})}
+    checkpoint.save_training_state(tmp_path, state, {"epoch": 0})
+    restored, info = checkpoint.load_training_state(tmp_path, state)
+    assert info == {"epoch": 0}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(got, want)
+    path = tmp_path / "training" / "state.json"
+    manifest = json.loads(path.read_text())
+    assert len(manifest["checksums"]) == len(jax.tree.leaves(state))
+    manifest["checksums"]["00001"] = "crc32:00000000"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match=r"state\.json: array 00001 does not match the checksum"):
+        checkpoint.load_training_state(tmp_path, state)

@@ -3,7 +3,9 @@ metric lines, save/load, resume, compile counts."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,11 @@ from o2v_jax.data import read_channel
 from o2v_jax.pretrained import Pretrained
 from o2v_jax.train import (EarlyStopping, build_steps, evaluate, init_params, objective,
                            quality_line, train)
+
+
+def _emitted_epochs(lines: list[str]) -> list[int]:
+    """The epoch of each train cross_entropy line, in order (one per epoch run)."""
+    return [int(m) for m in re.findall(r"epoch=(\d+), train cross_entropy", "\n".join(lines))]
 
 
 def _data(tmp_path, name, n, seed, config, regression=False):
@@ -40,6 +47,48 @@ def test_objective_regression_reports_plain_mse():
     out = jnp.array([[1.0], [3.0]])
     _, sums = objective(out, jnp.array([0.0, 1.0]), jnp.ones(2), regression=True)
     assert float(sums["loss"]) / float(sums["count"]) == pytest.approx((1 + 4) / 2)
+
+
+def test_objective_never_counts_fill_rows_as_correct():
+    # Fill rows are labelled 0 (buckets._make_batch); here the model predicts 0 for them,
+    # so a metric that forgot their weights would count them as correct.
+    logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [3.0, -3.0], [4.0, -4.0], [5.0, -5.0]])
+    labels = jnp.array([0.0, 0.0, 0.0, 0.0, 0.0])
+    weights = jnp.array([1.0, 1.0, 0.0, 0.0, 0.0])
+    _, sums = objective(logits, labels, weights, regression=False)
+    assert (float(sums["correct"]), float(sums["count"])) == (1.0, 2.0)
+
+
+@pytest.mark.parametrize("storage", ["dense", "row_sparse"])
+def test_accuracy_counts_real_rows_only_when_fill_rows_are_predicted_right(tmp_path, storage):
+    # A model that answers class 0 whatever the input (zero output kernel, bias for 0):
+    # its accuracy is exactly the share of label-0 records, and the last batch's fill
+    # rows (label 0, weight 0) must not add to it, in training sums or in evaluation.
+    from o2v_jax.train import evaluate_params, stage_batch
+
+    config = from_hyperparameters(tiny_hp(token_embedding_storage_type=storage))
+    records = group_pairs(37, 3)  # 16 + 16 + 5: the third batch has 11 fill rows
+    data = read_channel(write_jsonl(tmp_path / "v.jsonl", records), config, name="validation")
+    zeros = sum(r["label"] == 0 for r in records)
+    assert 0 < zeros < len(records)
+    graphdef, params, keep = init_params(config, 0, (None, None))
+    params["output"] = {"kernel": jnp.zeros_like(params["output"]["kernel"]),
+                        "bias": jnp.array([5.0, -5.0])}
+    steps = build_steps(graphdef, config, keep)
+    assert evaluate_params(steps, params, data, config)["accuracy"] == zeros / len(records)
+
+    fill, correct, count = 0, 0.0, 0.0
+    for i, batch in enumerate(batches(data, config, shuffle_seed=0)):
+        fill += int((batch.weights == 0).sum())
+        assert not batch.labels[batch.weights == 0].any()  # fill rows say label 0
+        fresh = jax.tree.map(jnp.array, params)  # the step donates its inputs
+        batch, _, step = stage_batch(batch, i)
+        _, _, sums = steps.train_step(fresh, steps.init_opt(fresh), batch.in0, batch.in1,
+                                      batch.labels, batch.weights, jax.random.key(0), step)
+        correct += float(sums["correct"])
+        count += float(sums["count"])
+    assert fill > 0
+    assert (correct, count) == (zeros, len(records))
 
 
 # --------------------------------------------------------------------------- early stopping
@@ -410,20 +459,83 @@ def test_save_load_identical_metrics_and_determinism(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
+    # Resuming runs only the epochs after the saved one (a run that checked the saved
+    # state and then started again at epoch 0 would reach the same result), keeps the
+    # saved history, timings included, and refuses a damaged state.
     config = from_hyperparameters(tiny_hp(epochs=4, dropout=0.1, negative_sampling_rate=1))
     data = _data(tmp_path, "train", 96, 0, config)
     val = _data(tmp_path, "val", 32, 1, config)
-    kw = dict(validation=val, emit=lambda _: None, progress=False)
-    full = train(config, data, model_dir=tmp_path / "full", **kw)
-    train(config, data, model_dir=tmp_path / "part", stop_after_epochs=2, **kw)
+    kw = dict(validation=val, progress=False)
+    full = train(config, data, model_dir=tmp_path / "full", emit=lambda _: None, **kw)
+    lines: list[str] = []
+    part = train(config, data, model_dir=tmp_path / "part", stop_after_epochs=2, emit=lines.append, **kw)
+    assert part.epochs_run == 2 and _emitted_epochs(lines) == [0, 1]
     assert (tmp_path / "part" / "training").exists()
-    resumed = train(config, data, model_dir=tmp_path / "part", resume=True, **kw)
+
+    damaged = tmp_path / "damaged"  # the same state, one array's checksum wrong
+    shutil.copytree(tmp_path / "part", damaged)
+    manifest_path = damaged / "training" / "state.json"
+    manifest = json.loads(manifest_path.read_text())
+    name = sorted(manifest["checksums"])[-1]
+    manifest["checksums"][name] = "crc32:00000000"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.ModelDirError, match=f"array {name} does not match the checksum"):
+        train(config, data, model_dir=damaged, resume=True, emit=lambda _: None, **kw)
+
+    lines.clear()
+    resumed = train(config, data, model_dir=tmp_path / "part", resume=True, emit=lines.append, **kw)
+    assert resumed.epochs_run == 4 and _emitted_epochs(lines) == [2, 3]
+    assert resumed.history[:2] == part.history
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert [h["validation_cross_entropy"] for h in resumed.history] == \
         [h["validation_cross_entropy"] for h in full.history]
     _, pf, _ = checkpoint.load_model(tmp_path / "full")
     _, pr, _ = checkpoint.load_model(tmp_path / "part")
     for x, y in zip(jax.tree.leaves(pf), jax.tree.leaves(pr)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def rising_validation_run(tmp_path_factory):
+    """A run whose validation loss rises after its first epoch: the validation labels are
+    the training labels' opposite, and a high learning rate fits the training pairs fast.
+    Patience 1 of 8 epochs: early stopping ends it after epoch 2, and epoch 0 is best."""
+    root = tmp_path_factory.mktemp("rising")
+    config = from_hyperparameters(tiny_hp(epochs=8, early_stopping_patience=1, learning_rate=0.05))
+    data = read_channel(write_jsonl(root / "train.jsonl", group_pairs(128, 0, max_len=4)), config)
+    flipped = [dict(r, label=1 - r["label"]) for r in group_pairs(48, 1, max_len=4)]
+    val_path = write_jsonl(root / "val.jsonl", flipped)
+    val = read_channel(val_path, config, name="validation")
+    lines: list[str] = []
+    result = train(config, data, validation=val, test=val, model_dir=root / "m",
+                   emit=lines.append, progress=False)
+    return result, lines, val_path
+
+
+def test_the_best_epoch_is_kept_not_the_last(rising_validation_run):
+    result, lines, val_path = rising_validation_run
+    losses = [h["validation_cross_entropy"] for h in result.history]
+    assert result.best_epoch == int(np.argmin(losses)) == 0 < len(losses) - 1, losses
+    assert losses[-1] > losses[0] + 0.1  # the last epoch is clearly worse
+    _, _, meta = checkpoint.load_model(result.model_dir)
+    assert (meta["best_epoch"], meta["epochs_run"]) == (0, len(losses))
+    # The saved parameters are the best epoch's: they score its validation loss again.
+    saved = evaluate(result.model_dir, val_path)
+    assert saved["cross_entropy"] == pytest.approx(losses[0], rel=1e-6)
+    assert result.test_metrics["cross_entropy"] == pytest.approx(losses[0], rel=1e-6)
+    assert f"Best model based on epoch 0. Best loss: {losses[0]:.3f}" in lines
+
+
+def test_early_stopping_ends_the_loop(rising_validation_run):
+    # Patience 1: epoch 1 is bad (no better than epoch 0 by the tolerance), epoch 2 is
+    # the second bad one, which exceeds the patience: no epoch 3.
+    result, lines, _ = rising_validation_run
+    assert result.stopped_early and result.epochs_run == 3 and len(result.history) == 3
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert _emitted_epochs(lines) == [0, 1, 2]
+    assert lines.count("Bad epochs exceeded patience. Stopping training early!") == 1
+    _, _, meta = checkpoint.load_model(result.model_dir)
+    assert (meta["stopped_early"], meta["epochs_run"]) == (True, 3)
 
 
 def test_resume_refuses_other_hyperparameters(tmp_path):

@@ -516,6 +516,46 @@ def test_npz_members_that_expand_too_far_are_413(monkeypatch):
     assert len(decode(body, wire.NPZ, max_seq_lens=(100, 100))) == 1000
 
 
+def _zeros_npz(**shapes: tuple[int, int]) -> bytes:
+    """A deflated .npz of int8 zero arrays, written 1 MiB at a time: tens of MiB of ids
+    in a body of tens of KiB, without holding the arrays in memory."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, shape in shapes.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": "|i1", "fortran_order": False, "shape": shape})
+                left, block = shape[0] * shape[1], bytes(1 << 20)
+                while left:
+                    f.write(block[:min(left, len(block))])
+                    left -= min(left, len(block))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("shapes", [{"in0": ((64 << 10) + 1, 1024)},
+                                    {"in0": (1025, 1024), "in1": (63 << 10, 1024)}],
+                         ids=["one member", "two members"])
+def test_npz_members_expanding_past_64_mib_are_413_before_they_are_inflated(shapes):
+    # The real cap, not a patched one: 64 MiB of ids, counted over all members together
+    # (here each of the two is under it), refused from the archive's directory before
+    # the member that passes it is inflated.
+    import tracemalloc
+
+    assert wire.NPZ_MAX_EXPANDED_BYTES == 64 << 20
+    body = _zeros_npz(**shapes)
+    assert len(body) < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError) as e:
+            decode(body, wire.NPZ, vocab_sizes=(50, 50), max_seq_lens=(1024, 1024))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.status == 413
+    assert e.value.message == f"the archive's members expand to more than {64 << 20} bytes"
+    assert peak < 8 << 20, f"{peak} bytes allocated while refusing the archive"
+
+
 def test_unsupported_content_type_names_all_three_request_types():
     with pytest.raises(WireError) as e:
         decode(b"1,2", "text/csv")
