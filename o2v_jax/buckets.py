@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import jax
 import numpy as np
 
 from o2v_jax.config import Config
@@ -46,6 +47,7 @@ def length_ladder(max_seq_len: int, bucket_width: int) -> tuple[int, ...]:
     return (*steps, max_seq_len)
 
 
+@jax.tree_util.register_dataclass  # a pytree: the jitted train and eval steps take it whole
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """One fixed-shape batch; rows with weight 0 are padding and never enter a loss or metric."""

@@ -17,62 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from o2v_jax.config import EncoderConfig
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; ``key=None`` (or rate 0) is the deterministic identity.
-
-    Args:
-      x: float array of any shape.
-      rate: probability of zeroing an element, in [0, 1] (a static Python float).
-      key: a PRNG key used for this dropout site only, or None.
-    """
-    if key is None or rate == 0.0:
-        return x
-    if rate >= 1.0:  # dropout=1 is a legal hyperparameter (spec §2.2); avoid 0/0.
-        return jnp.zeros_like(x)
-    keep = keep_mask(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array):
-    """Threefry-2x32, 20 rounds (Salmon et al. 2011; the hash behind jax.random), unrolled.
-
-    jax.random lowers this hash to a 5-step while loop on CPU (to compile faster); written
-    out, XLA fuses it into one elementwise loop, ~6x faster, which is 10% of a training
-    step of the Wikipedia job (benchmarks/RESULTS.md). uint32 in, (uint32, uint32) out.
-    """
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for group in range(5):
-        for r in _THREEFRY_ROTATIONS[group % 2]:
-            x0 = x0 + x1
-            x1 = ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))) ^ x0
-        x0 = x0 + ks[(group + 1) % 3]
-        x1 = x1 + ks[(group + 2) % 3] + jnp.uint32(group + 1)
-    return x0, x1
-
-
-def keep_mask(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
-    """bool ``shape``, each element True with probability ``p`` (to 2^-32), from ``key``.
-
-    ``jax.random.bernoulli``'s job for threefry keys (the default), on :func:`_threefry2x32`
-    with counters 0..n/2; other key types go to ``jax.random.bernoulli``.
-    """
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    if data.shape != (2,) or data.dtype != jnp.uint32:
-        return jax.random.bernoulli(key, p, shape)
-    n = 1
-    for d in shape:
-        n *= d
-    half = (n + 1) // 2
-    counter = jax.lax.iota(jnp.uint32, half)
-    b0, b1 = _threefry2x32(data[0], data[1], counter, jnp.zeros_like(counter))
-    bits = jnp.concatenate([b0, b1])[:n].reshape(shape)
-    return bits < jnp.uint32(min(round(p * 2.0**32), 2**32 - 1))
+from o2v_jax.kernels import embedding_bag_mean
 
 
 def masked_max(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -101,123 +46,13 @@ class PooledEmbedding(nnx.Module):
         n = jnp.sum(m, axis=1)  # (B, 1)
         return s / (n + (n == 0))  # n + (n == 0): all-padding rows give 0, not nan.
 
-    def from_ids(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+    def from_ids(self, table: jax.Array, tokens: jax.Array, layout: str) -> jax.Array:
         """The same masked mean straight from ids, never materialising (B, L, D).
 
-        table: float32 (V, D), tokens: int32 (B, L) (0 = padding) -> float32 (B, D).
+        table: float32 (V, D), tokens: int32 (B, L) (0 = padding) -> float32 (B, D);
+        layout: the loops' code shape (:mod:`o2v_jax.kernels`).
         """
-        return embedding_bag_mean(table, tokens)
-
-
-# Positions per unrolled step of the bag loops on CPU: enough straight-line gathers for
-# the CPU to overlap their loads, few enough to keep compile time flat in L.
-_BAG_UNROLL = 8
-
-# Which code shape the hot loops take: "cpu" or "accelerator"; None = from
-# jax.default_backend() at trace time. On an accelerator every loop iteration is a kernel
-# launch plus a host round trip (~11 us each on an H200, benchmarks/RESULTS.md), so loops
-# are unrolled or replaced by one scatter there; on CPU they keep the working set in
-# cache. Tests set it to run the accelerator code on CPU.
-LAYOUT: str | None = None
-
-
-def layout() -> str:
-    """``"cpu"`` or ``"accelerator"``: the code shape the bag ops and train steps use."""
-    if LAYOUT is not None:
-        return LAYOUT
-    return "cpu" if jax.default_backend() == "cpu" else "accelerator"
-
-
-def bag_counts(tokens: jax.Array, dtype) -> jax.Array:
-    """(B, 1) real-token counts with empty rows counted as 1 (their mean is 0, not nan)."""
-    n = jnp.sum(tokens != 0, axis=1, keepdims=True).astype(dtype)
-    return n + (n == 0)
-
-
-def _bag_sum(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Sum of the real tokens' rows: float32 (B, D), one (B, D) gather per position.
-
-    Accumulating position by position keeps the working set at (B, D), which stays in
-    cache; gathering (B, L, D) first and reducing it afterwards writes and re-reads
-    B * L * D floats from memory: Predictor.embed was ~3-4x slower (benchmarks/RESULTS.md).
-    On an accelerator the loop is unrolled completely (one fused kernel, no loop
-    round trips); the adds still run in position order, so the padding a bucket adds
-    (exact zeros) never changes a sum.
-    """
-    batch, length = tokens.shape
-
-    def add(pos, acc):
-        col = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)  # (B,)
-        # where, not a multiply by the mask: a non-finite padding row cannot leak in.
-        return acc + jnp.where((col != 0)[:, None], table.at[col].get(mode="clip"), 0.0)
-
-    unroll = length if layout() == "accelerator" else min(length, _BAG_UNROLL)
-    return jax.lax.fori_loop(0, length, add, jnp.zeros((batch, table.shape[1]), table.dtype),
-                             unroll=max(unroll, 1))
-
-
-@jax.custom_vjp
-def embedding_bag_mean(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Masked mean of token rows, ``table[tokens]`` averaged over the non-zero ids.
-
-    Exactly :class:`PooledEmbedding` applied to ``table[tokens]``, computed like torch's
-    ``EmbeddingBag(mode="mean", padding_idx=0)``. The gradient w.r.t. the table is a
-    scatter-add of each row's output gradient / count into its tokens' rows.
-
-    Args:
-      table: float32 (V, D).
-      tokens: int32 (B, L), ids in [0, V), 0 = padding.
-
-    Returns:
-      float32 (B, D); all-padding rows give 0.
-    """
-    return _bag_sum(table, tokens) / bag_counts(tokens, table.dtype)
-
-
-def embedding_bag_mean_grad(num_rows: int, parts) -> jax.Array:
-    """The table gradient of ``sum_i <g_i, embedding_bag_mean(table, tokens_i)>``.
-
-    Each real token of row b adds ``g[b] / count[b]`` to its table row: a scatter-add,
-    on CPU done one position at a time ((B, D) updates) so no (B, L, D) array is built;
-    on an accelerator as one scatter of all B * L updates (a loop costs a launch per
-    position there). Several bags reading one table (tied in0/in1) share one accumulator.
-
-    Args:
-      num_rows: V, the table's row count.
-      parts: sequence of (tokens int32 (B, L), g float32 (B, D)) pairs.
-
-    Returns:
-      float32 (V, D).
-    """
-    acc = jnp.zeros((num_rows, parts[0][1].shape[1]), parts[0][1].dtype)
-    if layout() == "accelerator":
-        ids = jnp.concatenate([tokens.ravel() for tokens, _ in parts])
-        updates = jnp.concatenate([
-            jnp.where((tokens != 0)[:, :, None], (g / bag_counts(tokens, g.dtype))[:, None, :],
-                      0.0).reshape(-1, g.shape[1]) for tokens, g in parts])
-        return acc.at[ids].add(updates, mode="drop")
-    for tokens, g in parts:
-        gn = g / bag_counts(tokens, g.dtype)  # (B, D): what each real token of a row gets
-
-        def add(pos, acc, tokens=tokens, gn=gn):
-            col = jax.lax.dynamic_index_in_dim(tokens, pos, axis=1, keepdims=False)
-            return acc.at[col].add(jnp.where((col != 0)[:, None], gn, 0.0), mode="drop")
-
-        acc = jax.lax.fori_loop(0, tokens.shape[1], add, acc,
-                                unroll=min(tokens.shape[1], _BAG_UNROLL))
-    return acc
-
-
-def _bag_fwd(table, tokens):
-    return embedding_bag_mean(table, tokens), (table, tokens)
-
-
-def _bag_bwd(residuals, g):
-    table, tokens = residuals
-    return embedding_bag_mean_grad(table.shape[0], [(tokens, g)]).astype(table.dtype), None
-
-
-embedding_bag_mean.defvjp(_bag_fwd, _bag_bwd)
+        return embedding_bag_mean(table, tokens, layout)
 
 
 def hcnn_filters(enc_dim: int, layers: int) -> tuple[int, ...]:

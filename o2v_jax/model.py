@@ -1,4 +1,4 @@
-"""The Object2Vec pair model (spec §4.1, §4.5): two encoders, comparator, MLP, output.
+"""The Object2Vec pair model (spec §4.1, §4.5) and its parameter layout.
 
 ::
 
@@ -13,7 +13,13 @@ The trainer and predictor call it as a pure function of split state::
 
 Randomness: ``dropout_key=None`` is deterministic (evaluation and inference). Given a
 key, each dropout site uses its own ``fold_in(key, site)`` (site 0/1: encoder outputs,
-2 + i: MLP layer i), so pass a fresh key per step, e.g. ``fold_in(dropout_root, step)``.
+2 + i: MLP layer i; numbered here only), so pass a fresh key per step, e.g.
+``fold_in(dropout_root, step)``.
+
+The model holds its ``layout`` (:mod:`o2v_jax.kernels`: the code shape of the bag loops)
+as a static attribute, so it is part of the graphdef and of every function built on it.
+The parameter layout, which top-level groups of ``split_params(model)[1]`` hold what, is
+written down once, below the model (:data:`TABLE_GROUPS` and the functions after it).
 """
 
 from __future__ import annotations
@@ -26,13 +32,20 @@ import numpy as np
 from flax import nnx
 
 from o2v_jax.config import Config
-from o2v_jax.encoders import HCNN, BiLSTM, PooledEmbedding, dropout, make_encoder
+from o2v_jax.encoders import HCNN, BiLSTM, PooledEmbedding, make_encoder
+from o2v_jax.kernels import check_layout, default_layout, dropout
 
 log = logging.getLogger("o2v_jax")
 
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "linear": lambda x: x}
-# Dropout sites for fold_in: 0 and 1 are the encoder outputs, MLP layer i uses 2 + i.
+# Dropout sites for fold_in: 0 and 1 are the encoder outputs (side 0, side 1), MLP layer
+# i uses 2 + i. The trainer's row_sparse step reuses them through from_encodings.
+_ENCODER_SITE = 0
 _MLP_SITE = 2
+
+
+def _site_key(dropout_key: jax.Array | None, site: int) -> jax.Array | None:
+    return None if dropout_key is None else jax.random.fold_in(dropout_key, site)
 
 
 def compare(u: jax.Array, v: jax.Array, ops: tuple[str, ...]) -> jax.Array:
@@ -76,7 +89,8 @@ class Object2Vec(nnx.Module):
     enc1, mlp (nnx.List of hidden nnx.Linear), output (nnx.Linear to num_outputs)."""
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs,
-                 pretrained: tuple[np.ndarray | None, np.ndarray | None] = (None, None)):
+                 pretrained: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+                 layout: str | None = None):
         """Build and initialise the model.
 
         Args:
@@ -85,7 +99,10 @@ class Object2Vec(nnx.Module):
           pretrained: per side, None or float32 (V, D) initial rows for the token table
             (the caller merges file rows with default-init rows). With tied tables the
             first non-None of the two is used.
+          layout: "cpu" or "accelerator", the code shape of the bag loops
+            (:mod:`o2v_jax.kernels`); None: :func:`~o2v_jax.kernels.default_layout`.
         """
+        self.layout = default_layout() if layout is None else check_layout(layout)
         self.comparator_list = config.comparator_list
         self.dropout_rate = config.dropout
         self.activation = config.mlp_activation
@@ -115,15 +132,13 @@ class Object2Vec(nnx.Module):
         self.output = nnx.Linear(width, config.num_outputs, rngs=rngs)
 
     def encode(self, tokens: jax.Array, side: int, *,
-               dropout_key: jax.Array | None = None,
                projection: jax.Array | None = None) -> jax.Array:
-        """One side's embedding.
+        """One side's embedding (deterministic; training adds dropout in
+        :meth:`from_encodings`).
 
         Args:
           tokens: int32 (B, L), 0 = padding.
           side: 0 (enc0, for in0) or 1 (enc1, for in1).
-          dropout_key: None for deterministic output, else the key for this side's
-            output dropout.
           projection: this side's :meth:`token_projection` (bilstm, hcnn), precomputed
             for fixed weights (inference); its rows replace the first layer's matmul.
 
@@ -136,14 +151,13 @@ class Object2Vec(nnx.Module):
         tokens = jnp.asarray(tokens)
         if isinstance(encoder, PooledEmbedding):
             # Pooled straight from ids: no (B, L, D) intermediate (encoders.py says why).
-            u = encoder.from_ids(embed.embedding[...], tokens)
-        elif projection is not None:
+            return encoder.from_ids(embed.embedding[...], tokens, self.layout)
+        if projection is not None:
             # Ids are range-checked by the caller (the predictor); clip keeps any slip defined.
-            u = encoder.from_projection(jnp.take(projection, tokens, axis=0, mode="clip"), tokens != 0)
-        else:
-            x = embed(tokens)  # (B, L, D); a gather (jnp.take)
-            u = encoder(x, tokens != 0)
-        return dropout(u, self.dropout_rate, dropout_key)
+            return encoder.from_projection(jnp.take(projection, tokens, axis=0, mode="clip"),
+                                           tokens != 0)
+        x = embed(tokens)  # (B, L, D); a gather (jnp.take)
+        return encoder(x, tokens != 0)
 
     def token_projection(self, side: int) -> jax.Array | None:
         """Every token's first-layer product, ``table @ encoder.input_kernel()``.
@@ -170,10 +184,25 @@ class Object2Vec(nnx.Module):
           output: float32 (B, num_outputs): logits (softmax) or predictions (regression).
           aux: {"enc0": (B, H), "enc1": (B, H), "comparator": (B, C)}.
         """
-        key = (lambda site: None) if dropout_key is None else (
-            lambda site: jax.random.fold_in(dropout_key, site))
-        u = self.encode(in0, 0, dropout_key=key(0))
-        v = self.encode(in1, 1, dropout_key=key(1))
+        return self.from_encodings(self.encode(in0, 0), self.encode(in1, 1),
+                                   dropout_key=dropout_key)
+
+    def from_encodings(self, u: jax.Array, v: jax.Array, *,
+                       dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """``__call__`` from the two encodings on: their output dropout, then :meth:`head`.
+
+        The row_sparse train step encodes pooled sides itself (to differentiate with
+        respect to the (B, H) encodings) and continues here, with the same dropout sites.
+
+        Args:
+          u, v: float32 (B, H), :meth:`encode` of in0 and in1.
+          dropout_key: as in ``__call__``.
+
+        Returns:
+          (output, aux) as ``__call__`` returns them.
+        """
+        u = dropout(u, self.dropout_rate, _site_key(dropout_key, _ENCODER_SITE))
+        v = dropout(v, self.dropout_rate, _site_key(dropout_key, _ENCODER_SITE + 1))
         output, c = self.head(u, v, dropout_key=dropout_key)
         return output, {"enc0": u, "enc1": v, "comparator": c}
 
@@ -186,19 +215,54 @@ class Object2Vec(nnx.Module):
 
         Args:
           u, v: float32 (B, H) encodings of in0 and in1.
-          dropout_key: as in ``__call__`` (same per-site keys).
+          dropout_key: as in ``__call__`` (the MLP's sites only).
 
         Returns:
           (output (B, num_outputs), comparator features (B, C)).
         """
-        key = (lambda site: None) if dropout_key is None else (
-            lambda site: jax.random.fold_in(dropout_key, site))
         c = compare(u, v, self.comparator_list)
         h = c
         act = ACTIVATIONS[self.activation]
         for i, layer in enumerate(self.mlp):
-            h = dropout(act(layer(h)), self.dropout_rate, key(_MLP_SITE + i))
+            h = dropout(act(layer(h)), self.dropout_rate, _site_key(dropout_key, _MLP_SITE + i))
         return self.output(h), c
+
+
+# --------------------------------------------------------------------------- parameter layout
+
+# The top-level groups of split_params(model)[1] (Object2Vec's attribute names). Token
+# tables are nnx.Embed, their (V, D) array under "embedding"; a tied table is one
+# Variable, which nnx stores once, at its first path: embed0.
+TABLE_GROUPS = ("embed0", "embed1")
+ENCODER_GROUPS = ("enc0", "enc1")  # side 0, side 1
+HEAD_GROUPS = ("mlp", "output")  # what head() reads
+
+
+def table_groups(tied: bool) -> tuple[str, ...]:
+    """The token tables a model has: ``("embed0",)`` when tied, else both."""
+    return TABLE_GROUPS[:1] if tied else TABLE_GROUPS
+
+
+def table_group(side: int, tied: bool) -> str:
+    """The group holding ``side``'s token table: its own, or embed0 when tied."""
+    return TABLE_GROUPS[0 if tied else side]
+
+
+def side_groups(side: int, tied: bool) -> tuple[str, str]:
+    """The groups ``encode(tokens, side)`` reads: its token table and its encoder."""
+    return table_group(side, tied), ENCODER_GROUPS[side]
+
+
+def split_tables(params: dict) -> tuple[dict, dict]:
+    """(the other groups, {table group: float32 (V, D)}) of a params dict (or of its
+    gradients): the trainer updates the tables apart from the rest."""
+    rest = {k: v for k, v in params.items() if k not in TABLE_GROUPS}
+    return rest, {k: params[k]["embedding"] for k in TABLE_GROUPS if k in params}
+
+
+def join_tables(rest: dict, tables: dict) -> dict:
+    """The inverse of :func:`split_tables`."""
+    return {**rest, **{k: {"embedding": t} for k, t in tables.items()}}
 
 
 def embedding_paths(model: Object2Vec) -> dict[int, tuple]:
@@ -206,17 +270,11 @@ def embedding_paths(model: Object2Vec) -> dict[int, tuple]:
 
     Returns:
       {0: path, 1: path}, a path being a tuple of keys into the state, e.g.
-      ``("embed0", "embedding")``. Tied tables are one Variable, which nnx stores once at
-      its first path, so both sides map to ``("embed0", "embedding")``; use
-      ``set(paths.values())`` for the distinct tables.
+      ``("embed0", "embedding")``; tied tables map both sides to embed0's path (use
+      ``set(paths.values())`` for the distinct tables).
     """
-    targets = {0: model.embed0.embedding, 1: model.embed1.embedding}
-    paths: dict[int, tuple] = {}
-    for path, node in nnx.iter_graph(model):
-        for side, var in targets.items():
-            if node is var and side not in paths:
-                paths[side] = tuple(path)
-    return paths
+    tied = model.embed1 is model.embed0
+    return {side: (table_group(side, tied), "embedding") for side in (0, 1)}
 
 
 def split_params(model: Object2Vec) -> tuple[nnx.GraphDef, dict]:
@@ -231,10 +289,10 @@ def merge_params(graphdef: nnx.GraphDef, params: dict) -> Object2Vec:
     return nnx.merge(graphdef, params)
 
 
-def abstract_model(config: Config) -> tuple[nnx.GraphDef, dict]:
+def abstract_model(config: Config, layout: str | None = None) -> tuple[nnx.GraphDef, dict]:
     """(graphdef, params as ShapeDtypeStructs) without running any initialiser: what a
-    loader needs to restore saved parameters into."""
-    model = nnx.eval_shape(lambda: Object2Vec(config, rngs=nnx.Rngs(0)))
+    loader needs to restore saved parameters into. ``layout`` as for :class:`Object2Vec`."""
+    model = nnx.eval_shape(lambda: Object2Vec(config, rngs=nnx.Rngs(0), layout=layout))
     return split_params(model)
 
 

@@ -49,7 +49,8 @@ from o2v_jax.env import DEFAULT_PREFERRED_MODE, PREFERRED_MODES
 from o2v_jax.buckets import length_ladder, pad_sequences
 from o2v_jax.config import Config
 from o2v_jax.ragged import Ragged, TokenRangeError, TokenTypeError, check_tokens, flatten, unpad
-from o2v_jax.model import abstract_model, merge_params
+from o2v_jax.model import (ENCODER_GROUPS, HEAD_GROUPS, TABLE_GROUPS, abstract_model,
+                           merge_params, side_groups, table_group)
 
 log = logging.getLogger("o2v_jax")
 
@@ -61,11 +62,6 @@ ENCODERS = ("in0", "in1")
 # token_projection) instead of multiplying every (B, L, D) batch by its kernel, when
 # the table fits in this many bytes (Predictor._add_projections).
 PROJECTION_MAX_BYTES = 256 << 20
-
-# Which top-level parameter groups each compiled function reads (model.py's attribute
-# names). Groups not listed here go to every part, so a new model attribute stays correct.
-_SIDE_GROUPS = {0: ("embed0", "enc0"), 1: ("embed1", "enc1")}
-_HEAD_GROUPS = ("mlp", "output")
 
 Key = tuple  # ("encode", side, B, L) or ("head", B)
 
@@ -200,13 +196,6 @@ def _struct(tree: Any) -> Any:
                         tree)
 
 
-def _table_group(side: int, params: dict) -> str:
-    """The parameter group holding ``side``'s token table: its own, or embed0 when the
-    tables are tied (one table, stored under embed0)."""
-    own = _SIDE_GROUPS[side][0]
-    return own if own in params else "embed0"
-
-
 # --------------------------------------------------------------------------- predictor
 
 @dataclasses.dataclass(frozen=True)
@@ -301,17 +290,20 @@ class Predictor:
         except RuntimeError:  # no CPU backend registered: keep everything together
             host = accel
         head_device = host if self.preferred_mode == "embedding" else accel
-        known = {g for groups in _SIDE_GROUPS.values() for g in groups} | set(_HEAD_GROUPS)
-        shared = [g for g in params if g not in known]  # unknown groups: give to everyone
+        # Which top-level groups each compiled function reads: model.py's layout. Groups
+        # it does not name go to every part, so a new model attribute stays correct.
+        known = {*TABLE_GROUPS, *ENCODER_GROUPS, *HEAD_GROUPS}
+        shared = [g for g in params if g not in known]
 
         def part(groups: Sequence[str], device) -> _Part:
             return _Part(jax.device_put({g: params[g] for g in (*groups, *shared) if g in params},
                                         device), device)
 
         parts: dict[Any, _Part] = {}
-        for side, (_, encoder) in _SIDE_GROUPS.items():
-            parts[side] = part((_table_group(side, params), encoder), accel)
-        parts["head"] = part(_HEAD_GROUPS, head_device)
+        tied = self.config.tied_token_embedding_weight
+        for side in (0, 1):
+            parts[side] = part(side_groups(side, tied), accel)
+        parts["head"] = part(HEAD_GROUPS, head_device)
         return parts
 
     def _add_projections(self) -> None:
@@ -333,7 +325,7 @@ class Predictor:
             table = project(part.params)
             # The encode executables no longer read the token table: this part drops its
             # reference (memory is freed unless the other side still uses the table).
-            token_table = _table_group(side, part.params)
+            token_table = table_group(side, self.config.tied_token_embedding_weight)
             params = {g: v for g, v in part.params.items() if g != token_table}
             self._parts[side] = dataclasses.replace(part, params={**params, "projection": table})
             log.debug("enc%d: token projection table %s, %.0f MB", side, shape.shape,

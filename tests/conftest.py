@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,29 @@ TINY = {
     "enc_dim": 16, "mlp_dim": 16, "mlp_layers": 1, "mlp_activation": "relu",
     "mini_batch_size": 16, "epochs": 3, "learning_rate": 0.01,
 }
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Collects one entry per XLA compile requested inside the block (jax.monitoring's
+    backend-compile event, which also wraps persistent-cache look-ups); jit cache hits
+    add nothing. The one compile counter of the suite::
+
+        with count_compiles() as compiles:
+            step(...)
+        assert len(compiles) == 1
+    """
+    events: list[str] = []
+
+    def listener(name, _secs, **_kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def tiny_hp(**overrides) -> dict:
@@ -56,6 +80,34 @@ def tiny_config():
     from o2v_jax.config import from_hyperparameters
 
     return from_hyperparameters(tiny_hp())
+
+
+def random_batch(vocab_used: int, rows: int = 16, length: int = 8, seed: int = 0):
+    """(in0, in1, labels, weights) of random ids in [1, vocab_used), the last two
+    positions of in0 padding."""
+    rng = np.random.default_rng(seed)
+    in0 = rng.integers(1, vocab_used, size=(rows, length)).astype(np.int32)
+    in1 = rng.integers(1, vocab_used, size=(rows, length)).astype(np.int32)
+    in0[:, -2:] = 0  # some padding
+    labels = rng.integers(0, 2, size=rows).astype(np.float32)
+    return in0, in1, labels, np.ones(rows, np.float32)
+
+
+def run_steps(config, batch, *, pretrained=(None, None), steps=3, layout="cpu", options=None):
+    """``steps`` train steps on one batch (a Batch or its four arrays) from init_params
+    with seed 0: returns (params before, as numpy; params after; opt_state after)."""
+    from o2v_jax.buckets import Batch
+    from o2v_jax.row_sparse import Options
+    from o2v_jax.train import build_steps, init_params
+
+    graphdef, params, keep = init_params(config, 0, pretrained, layout=layout)
+    built = build_steps(graphdef, config, keep, layout=layout, options=options or Options())
+    state = built.init_state(params)
+    before = jax.tree.map(np.array, params)
+    batch = batch if isinstance(batch, Batch) else Batch(*batch)
+    for _ in range(steps):
+        state, _ = built.train_step(state, batch, jax.random.key(0))
+    return before, state.params, state.opt_state
 
 
 def train_tiny_model(root: Path, **hp) -> Path:

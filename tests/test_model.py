@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 from flax import nnx
 
+from o2v_jax import model as model_module
 from o2v_jax.config import from_hyperparameters
+from o2v_jax.kernels import default_layout
 from o2v_jax.model import Object2Vec, comparator_dim, embedding_paths
 
 IN0 = np.array([[1, 2, 3, 0], [4, 5, 0, 0], [6, 0, 0, 0]], np.int32)  # tokens 1-6
@@ -193,16 +196,65 @@ def test_dropout_key_none_is_deterministic_and_keys_are_never_reused():
 def test_jitted_split_merge_forward_equals_eager_and_compiles_once(network):
     model = Object2Vec(tiny_config(**NETWORKS[network], mlp_layers=1), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    traces = []
-
-    def forward(p, a, b, key):
-        traces.append(1)
-        return nnx.merge(graphdef, p)(a, b, dropout_key=key)
-
-    fwd = jax.jit(forward)
-    out, aux = fwd(params, IN0, IN1, None)
+    fwd = jax.jit(lambda p, a, b, key: nnx.merge(graphdef, p)(a, b, dropout_key=key))
+    with count_compiles() as first:
+        out, aux = fwd(params, IN0, IN1, None)
     eager_out, eager_aux = model(IN0, IN1)
     np.testing.assert_allclose(out, eager_out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["comparator"], eager_aux["comparator"], rtol=1e-5, atol=1e-6)
-    fwd(params, IN0 + 1, IN1, None)  # new values, same shapes: no retrace
-    assert len(traces) == 1
+    with count_compiles() as again:
+        fwd(params, IN0 + 1, IN1, None)  # new values, same shapes: no recompile
+    assert len(first) == 1 and again == []
+
+
+@pytest.mark.parametrize("tied", ["true", "false"])
+def test_the_parameter_layout_names_the_models_groups(tied):
+    # model.py's layout (used by the trainer and the predictor) against the real state:
+    # each side's table group holds the Variable that side's encode reads, the encoder
+    # and head groups exist, and nothing else is at the top level.
+    config = tiny_config(tied_token_embedding_weight=tied, enc0_network="hcnn",
+                         enc0_token_embedding_dim=5, mlp_layers=1)
+    model = Object2Vec(config, rngs=nnx.Rngs(0))
+    is_tied = tied == "true"
+    _, params = model_module.split_params(model)
+    groups = set(model_module.side_groups(0, is_tied)) | set(model_module.side_groups(1, is_tied))
+    assert set(params) == groups | set(model_module.HEAD_GROUPS)
+    assert set(model_module.table_groups(is_tied)) == {g for g in params if g.startswith("embed")}
+    found = {}
+    for path, node in nnx.iter_graph(model):
+        for side, embed in ((0, model.embed0), (1, model.embed1)):
+            if node is embed.embedding and side not in found:
+                found[side] = tuple(path)
+    assert embedding_paths(model) == found
+    for side in (0, 1):
+        assert found[side] == (model_module.table_group(side, is_tied), "embedding")
+    rest, tables = model_module.split_tables(params)
+    assert set(tables) == set(model_module.table_groups(is_tied)) and not set(rest) & set(tables)
+    joined = model_module.join_tables(rest, tables)
+    assert jax.tree.structure(joined) == jax.tree.structure(params)
+
+
+def test_from_encodings_is_the_model_after_its_encoders():
+    # The row_sparse step encodes pooled sides itself and continues with from_encodings:
+    # same dropout sites, so the same output for the same key.
+    model = Object2Vec(tiny_config(dropout=0.4, mlp_layers=2), rngs=nnx.Rngs(0))
+    key = jax.random.key(5)
+    out, aux = model(IN0, IN1, dropout_key=key)
+    out2, aux2 = model.from_encodings(model.encode(IN0, 0), model.encode(IN1, 1), dropout_key=key)
+    np.testing.assert_array_equal(out2, out)
+    for name in ("enc0", "enc1", "comparator"):
+        np.testing.assert_array_equal(aux2[name], aux[name])
+    assert (np.asarray(aux["enc0"]) == 0).any()  # dropout did drop something
+
+
+def test_the_layout_is_static_and_changes_no_result():
+    config = tiny_config(mlp_layers=1)
+    models = {layout: Object2Vec(config, rngs=nnx.Rngs(0), layout=layout)
+              for layout in ("cpu", "accelerator")}
+    graphdefs = {layout: nnx.split(m)[0] for layout, m in models.items()}
+    assert graphdefs["cpu"] != graphdefs["accelerator"]  # jit sees it through the graphdef
+    outs = [np.asarray(jit_forward(m)(IN0, IN1)[0]) for m in models.values()]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert Object2Vec(config, rngs=nnx.Rngs(0)).layout == default_layout()  # from the backend
+    with pytest.raises(ValueError, match="layout="):
+        Object2Vec(config, rngs=nnx.Rngs(0), layout="tpu")

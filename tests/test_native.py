@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_hp
+from conftest import run_steps, tiny_hp
 
 from o2v_jax import env, native
+from o2v_jax.buckets import Batch
 from o2v_jax.config import from_hyperparameters
-from o2v_jax.train import ROW_CHUNK, build_steps, init_params
+from o2v_jax.row_sparse import ROW_CHUNK, Options
+from o2v_jax.train import build_steps, init_params
 
 
 def _case(dtype, vocab=1000, width=7, n=300, seed=0):
@@ -114,11 +116,7 @@ def test_row_sparse_training_is_identical_with_and_without_it(monkeypatch, optim
 
     def run(state):
         monkeypatch.setattr(native, "_state", state)
-        graphdef, params, keep = init_params(config, 0, (None, None))
-        steps = build_steps(graphdef, config, keep)
-        opt_state = steps.init_opt(params)
-        for i in range(3):
-            params, opt_state, _ = steps.train_step(params, opt_state, *batch, jax.random.key(0), i)
+        _, params, opt_state = run_steps(config, batch, steps=3)
         return jax.tree.map(np.asarray, (params, opt_state))
 
     assert native.available()
@@ -129,31 +127,32 @@ def test_row_sparse_training_is_identical_with_and_without_it(monkeypatch, optim
 
 
 @pytest.mark.parametrize("plan_min_tokens", [0, 10**9], ids=["plan", "buffer"])
-def test_row_sparse_step_writes_tables_in_place(monkeypatch, plan_min_tokens):
+def test_row_sparse_step_writes_tables_in_place(plan_min_tokens):
     # The write-back aliases its table; if XLA ever has to keep the old table alive
     # past a write (e.g. two chunks gathered before either is written), it inserts
-    # full-table copies, which made a Wikipedia-sized step ~100x slower in a trial.
+    # full-table copies, which made a Wikipedia-sized step many times slower in a trial.
     import re
 
-    from o2v_jax import train as train_module
-
-    monkeypatch.setattr(train_module, "PLAN_MIN_TOKENS", plan_min_tokens)
     config = from_hyperparameters(tiny_hp(
         enc0_vocab_size=3000, enc0_max_seq_len=32, optimizer="adam",
         token_embedding_storage_type="row_sparse", tied_token_embedding_weight="false"))
     rng = np.random.default_rng(2)
     in0, in1 = (rng.integers(1, 3000, size=(16, 32)).astype(np.int32) for _ in range(2))
-    batch = (in0, in1, np.ones(16, np.float32), np.ones(16, np.float32))
-    graphdef, params, keep = init_params(config, 0, (None, None))
-    steps = build_steps(graphdef, config, keep)
-    inner, seen = steps.train_step.step, []
-    steps.train_step.step = lambda *a: (seen.append(a), inner(*a))[1]
-    steps.train_step(params, steps.init_opt(params), *batch, jax.random.key(0), 0)
-    text = inner.lower(*seen[0]).compile().as_text()
+    batch = Batch(in0, in1, np.ones(16, np.float32), np.ones(16, np.float32))
+    graphdef, params, keep = init_params(config, 0, (None, None), layout="cpu")
+    steps = build_steps(graphdef, config, keep, layout="cpu",
+                        options=Options(plan_min_tokens=plan_min_tokens))
+    planned = steps.train_step.plan(batch)  # the host half of the CPU step
+    assert all((t.plan is not None) == (plan_min_tokens == 0) for t in planned.tables.values())
+    state = steps.init_state(params)
+    text = steps.train_step.step.lower(state, planned, jax.random.key(0)).compile().as_text()
     width = config.enc0.token_embedding_dim
     assert f"f32[3000,{width}]" in text and native.TARGET in text
     copies = re.findall(rf"= f32\[3000,{width}\]\{{[^}}]*\}} copy(?:-start)?\(", text)
     assert not copies, f"{len(copies)} full-table copies in the compiled step"
+    # The whole state is donated: every one of its buffers is also an output's.
+    aliases = re.search(r"input_output_alias=\{([^\n]*?) \}", text)
+    assert aliases and aliases.group(1).count("-alias)") == len(jax.tree.leaves(state))
 
 
 def test_a_damaged_cached_library_is_rebuilt(tmp_path):

@@ -3,7 +3,6 @@ model, input forms, validation, invoke(), INFERENCE_PREFERRED_MODE, the compile 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import msgspec
 import numpy as np
 import pytest
-from conftest import tiny_hp, train_tiny_model
+from conftest import count_compiles, tiny_hp, train_tiny_model
 
 import o2v_jax
 from o2v_jax import checkpoint, wire
@@ -63,23 +62,6 @@ def padded(seqs, length=12):
 
 def random_seqs(rng, n, max_len=12, min_len=1):
     return [rng.integers(1, VOCAB, rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Collects a name per jit trace or XLA compile that happens inside the block."""
-    events: list[str] = []
-    watched = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
-
-    def listener(name, _secs, **_kw):
-        if name in watched:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")

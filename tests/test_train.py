@@ -1,5 +1,5 @@
-"""Training: objective, optimizers, row_sparse, frozen rows, early stopping, learning,
-metric lines, save/load, resume, compile counts."""
+"""Training: objective, dense steps, frozen rows, early stopping, learning, metric lines,
+save/load, resume, compile counts, donation. The row_sparse update: test_row_sparse.py."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import group_pairs, tiny_hp, write_jsonl
+from conftest import count_compiles, group_pairs, random_batch, run_steps, tiny_hp, write_jsonl
 
 from o2v_jax import checkpoint
-from o2v_jax.buckets import batches
+from o2v_jax.buckets import Batch, batches
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import read_channel
 from o2v_jax.pretrained import Pretrained
-from o2v_jax.train import (EarlyStopping, build_steps, evaluate, init_params, objective,
-                           quality_line, train)
+from o2v_jax.train import (EarlyStopping, TrainState, build_steps, evaluate, evaluate_params,
+                           init_params, objective, quality_line, stage_batch, staged, train)
 
 
 def _emitted_epochs(lines: list[str]) -> list[int]:
@@ -64,8 +64,6 @@ def test_accuracy_counts_real_rows_only_when_fill_rows_are_predicted_right(tmp_p
     # A model that answers class 0 whatever the input (zero output kernel, bias for 0):
     # its accuracy is exactly the share of label-0 records, and the last batch's fill
     # rows (label 0, weight 0) must not add to it, in training sums or in evaluation.
-    from o2v_jax.train import evaluate_params, stage_batch
-
     config = from_hyperparameters(tiny_hp(token_embedding_storage_type=storage))
     records = group_pairs(37, 3)  # 16 + 16 + 5: the third batch has 11 fill rows
     data = read_channel(write_jsonl(tmp_path / "v.jsonl", records), config, name="validation")
@@ -74,7 +72,7 @@ def test_accuracy_counts_real_rows_only_when_fill_rows_are_predicted_right(tmp_p
     graphdef, params, keep = init_params(config, 0, (None, None))
     params["output"] = {"kernel": jnp.zeros_like(params["output"]["kernel"]),
                         "bias": jnp.array([5.0, -5.0])}
-    steps = build_steps(graphdef, config, keep)
+    steps = build_steps(graphdef, config, keep, layout="cpu")
     assert evaluate_params(steps, params, data, config)["accuracy"] == zeros / len(records)
 
     fill, correct, count = 0, 0.0, 0.0
@@ -82,9 +80,8 @@ def test_accuracy_counts_real_rows_only_when_fill_rows_are_predicted_right(tmp_p
         fill += int((batch.weights == 0).sum())
         assert not batch.labels[batch.weights == 0].any()  # fill rows say label 0
         fresh = jax.tree.map(jnp.array, params)  # the step donates its inputs
-        batch, _, step = stage_batch(batch, i)
-        _, _, sums = steps.train_step(fresh, steps.init_opt(fresh), batch.in0, batch.in1,
-                                      batch.labels, batch.weights, jax.random.key(0), step)
+        batch, _ = stage_batch(batch, "cpu")
+        _, sums = steps.train_step(steps.init_state(fresh, i), batch, jax.random.key(0))
         correct += float(sums["correct"])
         count += float(sums["count"])
     assert fill > 0
@@ -165,266 +162,102 @@ def test_regression_reaches_low_mse(tmp_path):
 
 @pytest.mark.parametrize("layout,storage", [("cpu", "dense"), ("accelerator", "dense"),
                                             ("accelerator", "row_sparse")])
-def test_train_step_compiles_once_per_bucket_shape(tmp_path, monkeypatch, layout, storage):
-    # Fed as train() feeds it (train.stage_batch: device copies on an accelerator). The
-    # CPU row_sparse step compiles per row-set size too (train.row_cap), so not here.
-    from o2v_jax import encoders
-    from o2v_jax.train import stage_batch
-
-    monkeypatch.setattr(encoders, "LAYOUT", layout)
+def test_train_step_compiles_once_per_bucket_shape(tmp_path, layout, storage):
+    # Fed as train() feeds it (train.staged: device copies on an accelerator). The CPU
+    # row_sparse step compiles per row-set size too (row_sparse.row_cap), so not here.
     config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10,
                                           token_embedding_storage_type=storage))
     data = read_channel(write_jsonl(tmp_path / "t.jsonl", group_pairs(200, 0, max_len=20)), config)
-    graphdef, params, keep = init_params(config, 0, (None, None))
-    steps = build_steps(graphdef, config, keep)
-    opt_state = steps.init_opt(params)
+    graphdef, params, keep = init_params(config, 0, (None, None), layout=layout)
+    steps = build_steps(graphdef, config, keep, layout=layout)
+    state, root = steps.init_state(params), jax.random.key(0)
     shapes = set()
-    for epoch in range(2):
-        for i, b in enumerate(batches(data, config, shuffle_seed=epoch)):
-            shapes.add((b.in0.shape, b.in1.shape))
-            b, real, step = stage_batch(b, i)
-            assert real == int(np.asarray(b.weights).sum()) and int(step) == i
-            params, opt_state, _ = steps.train_step(params, opt_state, b.in0, b.in1, b.labels,
-                                                    b.weights, jax.random.key(0), step)
+    with count_compiles() as compiles:
+        for epoch in range(2):
+            for b, real in staged(batches(data, config, shuffle_seed=epoch), layout):
+                shapes.add((b.in0.shape, b.in1.shape))
+                assert real == int(np.asarray(b.weights).sum())
+                state, _ = steps.train_step(state, b, root)
     assert len(shapes) > 1
-    assert steps.train_step._cache_size() == len(shapes)
+    assert len(compiles) == len(shapes)
+    assert int(state.step) == 2 * len(list(batches(data, config, shuffle_seed=0)))
 
 
 @pytest.mark.parametrize("layout", ["cpu", "accelerator"])
-def test_staged_batches_are_the_batches_in_order(tmp_path, monkeypatch, layout):
+def test_staged_batches_are_the_batches_in_order(tmp_path, layout):
     # train()'s feed: on an accelerator from a worker thread, as device arrays.
-    from o2v_jax import encoders
-    from o2v_jax.train import staged
-
-    monkeypatch.setattr(encoders, "LAYOUT", layout)
     config = from_hyperparameters(tiny_hp(enc0_max_seq_len=20, bucket_width=10))
     data = read_channel(write_jsonl(tmp_path / "t.jsonl", group_pairs(150, 0, max_len=20)), config)
     want = list(batches(data, config, shuffle_seed=3))
-    got = list(staged(batches(data, config, shuffle_seed=3), first_step=7))
+    got = list(staged(batches(data, config, shuffle_seed=3), layout))
     assert len(got) == len(want) > 1
-    for i, ((b, real, step), w) in enumerate(zip(got, want)):
-        assert real == int(w.weights.sum()) and int(step) == 7 + i
-        assert isinstance(step, jax.Array) == (layout == "accelerator")
+    for (b, real), w in zip(got, want):
+        assert real == int(w.weights.sum())
         assert isinstance(b.in0, jax.Array) == (layout == "accelerator")
         for x, y in zip((b.in0, b.in1, b.labels, b.weights), (w.in0, w.in1, w.labels, w.weights)):
             np.testing.assert_array_equal(np.asarray(x), y)
 
 
-# --------------------------------------------------------------------------- row_sparse
-
-@pytest.fixture(params=["plan", "buffer", "accelerator"])
-def gradient_path(request, monkeypatch):
-    """Every way a row_sparse step sums a pooled table's gradient and updates its rows:
-    on CPU, train.gradient_plan (batches of at least train.PLAN_MIN_TOKENS tokens) or a
-    (cap, D) scatter-add buffer, then the chunked lazy loop; the accelerator layout
-    (encoders.LAYOUT), one scatter and a one-shot update, run here on CPU."""
-    from o2v_jax import encoders
-    from o2v_jax import train as train_module
-
-    monkeypatch.setattr(train_module, "PLAN_MIN_TOKENS", 0 if request.param == "plan" else 10**9)
-    if request.param == "accelerator":
-        monkeypatch.setattr(encoders, "LAYOUT", "accelerator")
-    return request.param
-
-
-def _one_step_state(config, batch, keep_pretrained=None, steps_n=3):
-    graphdef, params, keep = init_params(config, 0, keep_pretrained or (None, None))
-    steps = build_steps(graphdef, config, keep)
-    opt_state = steps.init_opt(params)
-    before = jax.tree.map(np.array, params)
-    for i in range(steps_n):
-        params, opt_state, _ = steps.train_step(params, opt_state, *batch, jax.random.key(0), i)
-    return before, params, opt_state
+@pytest.mark.parametrize("layout,storage", [("cpu", "dense"), ("cpu", "row_sparse"),
+                                            ("accelerator", "row_sparse")])
+def test_train_step_donates_its_state_and_counts_steps(layout, storage):
+    # The step overwrites the parameters and optimizer state in place (donated buffers),
+    # and folds its dropout key from (root, state.step), so the step number advances.
+    config = from_hyperparameters(tiny_hp(token_embedding_storage_type=storage, dropout=0.2))
+    graphdef, params, keep = init_params(config, 0, (None, None), layout=layout)
+    steps = build_steps(graphdef, config, keep, layout=layout)
+    state = steps.init_state(params, step=5)
+    new, sums = steps.train_step(state, Batch(*random_batch(vocab_used=10)), jax.random.key(0))
+    assert int(new.step) == 6 and float(sums["count"]) == 16.0
+    donated = jax.tree.leaves((state.params, state.opt_state))
+    assert all(x.is_deleted() for x in donated if x.size), "the step must donate its state"
+    assert isinstance(new, TrainState) and not any(x.is_deleted() for x in jax.tree.leaves(new))
 
 
-def _batch(vocab_used: int, rows: int = 16, length: int = 8, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    in0 = rng.integers(1, vocab_used, size=(rows, length)).astype(np.int32)
-    in1 = rng.integers(1, vocab_used, size=(rows, length)).astype(np.int32)
-    in0[:, -2:] = 0  # some padding
-    labels = rng.integers(0, 2, size=rows).astype(np.float32)
-    return in0, in1, labels, np.ones(rows, np.float32)
+def test_the_dropout_key_is_folded_from_the_state_step():
+    # Two runs from step 0 agree; a run that starts at another step number differs.
+    config = from_hyperparameters(tiny_hp(dropout=0.5))
+    graphdef, params, keep = init_params(config, 0, (None, None), layout="cpu")
+    steps = build_steps(graphdef, config, keep, layout="cpu")
+    batch = Batch(*random_batch(vocab_used=10))
+
+    def loss_after(step):
+        fresh = jax.tree.map(jnp.array, params)
+        return float(steps.train_step(steps.init_state(fresh, step), batch, jax.random.key(0))[1]["loss"])
+
+    assert loss_after(0) == loss_after(0) != loss_after(1)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
-@pytest.mark.parametrize("tied", ["true", "false"])
-def test_row_sparse_touches_only_batch_rows(optimizer, tied, gradient_path):
-    config = from_hyperparameters(tiny_hp(token_embedding_storage_type="row_sparse",
-                                          optimizer=optimizer, tied_token_embedding_weight=tied,
-                                          weight_decay=0.01))
-    before, params, opt_state = _one_step_state(config, _batch(vocab_used=10))
-    for name in ("embed0",) + (() if tied == "true" else ("embed1",)):
-        old, new = before[name]["embedding"], np.asarray(params[name]["embedding"])
-        np.testing.assert_array_equal(new[10:], old[10:])  # unused rows untouched
-        assert not np.allclose(new[1:10], old[1:10])  # used rows moved
-        for leaf in jax.tree.leaves(opt_state["tables"][name]):
-            leaf = np.asarray(leaf)
-            if leaf.ndim == 2:
-                assert not leaf[10:].any(), "optimizer state of unused rows changed"
-
-
-def test_row_sparse_matches_dense_sgd_without_decay(gradient_path):
-    # Plain SGD has no state, so lazy and dense updates must agree exactly on used rows.
-    batch = _batch(vocab_used=10)
-    dense = from_hyperparameters(tiny_hp(optimizer="sgd", learning_rate=0.1))
-    sparse = dense.replace(token_embedding_storage_type="row_sparse")
-    _, p_dense, _ = _one_step_state(dense, batch, steps_n=2)
-    _, p_sparse, _ = _one_step_state(sparse, batch, steps_n=2)
-    for a, b in zip(jax.tree.leaves(p_dense), jax.tree.leaves(p_sparse)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("ids", ["uniform", "zipf"])
-def test_row_sparse_first_adam_step_equals_dense_over_many_row_chunks(ids, gradient_path):
-    # From zero moments one Adam step leaves rows without gradient where they are, so the
-    # lazy and dense updates agree (to rounding, below); ~900 distinct ids span several of the lazy
-    # loop's row chunks (train.ROW_CHUNK) and a padded row set (train.row_cap). Zipf ids
-    # give chunks of several gather levels (train.gradient_plan), uniform ones of one.
-    from o2v_jax.train import ROW_CHUNK
-
-    hp = tiny_hp(enc0_vocab_size=5000, enc0_max_seq_len=32, optimizer="adam")
-    rng = np.random.default_rng(3)
-    if ids == "uniform":
-        rows = 16
-        in0, in1 = (rng.integers(1, 5000, size=(rows, 32)).astype(np.int32) for _ in range(2))
-    else:  # 700 ids 3 times (chunks 1 and 2 of 3+ levels), the rest Zipf (a hot chunk 0)
-        rows = 48
-        flat = np.concatenate([np.repeat(np.arange(1, 701), 3),
-                               np.minimum(rng.zipf(1.2, size=2 * rows * 32 - 2100), 4999)])
-        in0, in1 = rng.permutation(flat).astype(np.int32).reshape(2, rows, 32)
-    in0[:, -3:] = 0
-    batch = (in0, in1, rng.integers(0, 2, rows).astype(np.float32), np.ones(rows, np.float32))
-    assert len(np.unique(np.concatenate([in0, in1]))) > 2 * ROW_CHUNK
-    dense = from_hyperparameters(hp)
-    _, p_dense, s_dense = _one_step_state(dense, batch, steps_n=1)
-    _, p_sparse, s_sparse = _one_step_state(
-        dense.replace(token_embedding_storage_type="row_sparse"), batch, steps_n=1)
-    tables = ("embed0", "embed1")
-    others = [({k: v for k, v in p.items() if k not in tables}, s)  # all but the tables
-              for p, s in ((p_dense, s_dense), (p_sparse, s_sparse))]
-    for a, b in zip(jax.tree.leaves(others[0]), jax.tree.leaves(others[1])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    # The tables only to 1% of the learning rate: gradient_plan sums a hot row's many
-    # terms in another order, and where they nearly cancel (|g| ~ Adam's eps) the first
-    # step lr * g / (|g| + eps) magnifies that rounding (one element of 80,000 here).
-    for name in tables:
-        np.testing.assert_allclose(np.asarray(p_dense[name]["embedding"]),
-                                   np.asarray(p_sparse[name]["embedding"]), rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("tied", ["true", "false"])
-def test_row_sparse_pooled_path_matches_dense_with_dropout(tied, gradient_path):
-    # The row_sparse step differentiates pooled encoders w.r.t. their (B, D) outputs and
-    # applies model.encode's output dropout itself: same dropout masks (same sites), same
-    # gradients as the dense step through the model, or this fails.
-    batch = _batch(vocab_used=30)
-    dense = from_hyperparameters(tiny_hp(optimizer="sgd", learning_rate=0.1, dropout=0.3,
-                                         tied_token_embedding_weight=tied))
-    sparse = dense.replace(token_embedding_storage_type="row_sparse")
-    _, p_dense, _ = _one_step_state(dense, batch, steps_n=2)
-    _, p_sparse, _ = _one_step_state(sparse, batch, steps_n=2)
-    for a, b in zip(jax.tree.leaves(p_dense), jax.tree.leaves(p_sparse)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def _plan_case(case):
-    """(bags, vocab) for test_gradient_plan_sums_each_rows_tokens."""
-    rng = np.random.default_rng(7)
-    if case == "zipf_tied":  # hot chunk, chunks of several levels, padding, a padded cap
-        bags = [np.minimum(rng.zipf(1.3, size=(16, length)), 4999) for length in (32, 40)]
-        bags[0][:, 28:] = 0
-        return bags, 5000
-    if case == "one_full_chunk":  # 255 ids + row 0 = exactly ROW_CHUNK rows
-        return [np.arange(1, 256).reshape(5, 51)], 300
-    if case == "two_full_chunks":  # 511 ids + row 0 = exactly 2 * ROW_CHUNK rows
-        return [np.arange(1, 512).reshape(7, 73)], 600
-    if case == "one_more_row":  # 256 ids + row 0: row 0 alone in chunk 1
-        return [np.arange(1, 257).reshape(4, 64)], 300
-    if case == "all_padding":  # only row 0
-        return [np.zeros((4, 8)), np.zeros((4, 6))], 50
-    if case == "one_id_both_sides":  # one id, many times on both sides
-        bags = [np.full((4, 8), 7), np.full((4, 6), 7)]
-        bags[1][:, -2:] = 0
-        return bags, 50
-    if case == "equal_counts":  # 400 ids x 4 tokens each: the most levels per later chunk
-        return [rng.permutation(np.repeat(np.arange(1, 401), 4)).reshape(32, 50)], 500
-    raise AssertionError(case)
-
-
-@pytest.mark.parametrize("case", ["zipf_tied", "one_full_chunk", "two_full_chunks", "one_more_row",
-                                  "all_padding", "one_id_both_sides", "equal_counts"])
-def test_gradient_plan_sums_each_rows_tokens(case):
-    # The row_sparse gradient of pooled encoders (train.gradient_plan + chunk_gradient)
-    # against a plain scatter-add. Integer-valued per-row gradients make every float32
-    # sum exact, so any token dropped, doubled or sent to the wrong row fails.
-    from o2v_jax.train import ROW_CHUNK, chunk_gradient, gradient_plan
-
-    bags, vocab = _plan_case(case)
-    bags = [b.astype(np.int32) for b in bags]
-    rows, count, hot, levels, level_starts = gradient_plan(bags, vocab)
-    n = int(count)
-    real = rows[:n]
-    read = set(np.concatenate([b.ravel() for b in bags]).tolist()) | {0}
-    assert sorted(real.tolist()) == sorted(read)  # each id once, row 0 included
-    assert (rows[n:] == vocab).all() and rows.size % ROW_CHUNK == 0
-    sources = sum(b.shape[0] for b in bags)
-    rng = np.random.default_rng(0)
-    per = rng.integers(-8, 9, size=(sources, 3)).astype(np.float32)
-    expected = np.zeros((vocab, 3), np.float64)
-    for i, b in enumerate(bags):
-        for r, row in enumerate(b):
-            for t in row[row != 0]:
-                expected[t] += per[i * b.shape[0] + r]
-    ext = jnp.concatenate([per, jnp.zeros((1, 3)), jnp.asarray(hot) @ per])
-    grad = jax.jit(chunk_gradient)
-    for c in range(-(-n // ROW_CHUNK)):
-        got = np.asarray(grad(ext, levels, level_starts, c))
-        ids = rows[c * ROW_CHUNK:(c + 1) * ROW_CHUNK]
-        ok = ids < vocab
-        np.testing.assert_array_equal(got[ok], expected[ids[ok]], err_msg=f"chunk {c}")
-        np.testing.assert_array_equal(got[~ok], 0.0)
-
-
-@pytest.mark.parametrize("method", ["mark", "sort"])
-@pytest.mark.parametrize("case", ["zipf_tied", "one_more_row", "all_padding", "one_id_both_sides"])
-def test_device_rows_lists_each_id_once_and_remaps_the_bags(case, method, monkeypatch):
-    # The accelerator layout's rows (train.device_rows, both ways of finding them): the
-    # distinct ids with row 0, sorted, padded with distinct out-of-range ids, and every
-    # bag position pointing at its own id.
-    from o2v_jax import train as train_module
-
-    monkeypatch.setattr(train_module, "DEVICE_ROWS", method)
-    bags, vocab = _plan_case(case)
-    bags = [jnp.asarray(b, jnp.int32) for b in bags]
-    rows, count, remapped = jax.jit(lambda b: train_module.device_rows(b, vocab))(bags)
-    rows, n = np.asarray(rows), int(count)
-    want = np.unique(np.concatenate([[0]] + [np.asarray(b).ravel() for b in bags]))
-    np.testing.assert_array_equal(rows[:n], want)
-    cap = min(vocab, 1 + sum(b.size for b in bags))
-    np.testing.assert_array_equal(rows[n:], vocab + np.arange(n, cap))
-    for b, r in zip(bags, remapped):
-        np.testing.assert_array_equal(rows[np.asarray(r)], np.asarray(b))
+def test_steps_and_model_must_share_a_layout():
+    config = from_hyperparameters(tiny_hp())
+    graphdef, params, keep = init_params(config, 0, (None, None), layout="cpu")
+    steps = build_steps(graphdef, config, keep, layout="accelerator")
+    with pytest.raises(ValueError, match="layout='cpu' but the steps for 'accelerator'"):
+        steps.train_step(steps.init_state(params), Batch(*random_batch(vocab_used=10)),
+                         jax.random.key(0))
 
 
 # --------------------------------------------------------------------------- frozen rows
 
-@pytest.mark.parametrize("optimizer,storage", [("adam", "dense"), ("adagrad", "dense"),
-                                               ("rmsprop", "dense"), ("adadelta", "dense"),
-                                               ("sgd", "dense"), ("adam", "row_sparse"),
-                                               ("sgd", "row_sparse")])
-def test_frozen_pretrained_rows_never_change(optimizer, storage, gradient_path):
-    config = from_hyperparameters(tiny_hp(optimizer=optimizer, token_embedding_storage_type=storage,
-                                          weight_decay=0.5, enc0_pretrained_embedding_file="g.txt",
-                                          enc0_vocab_file="v.json"))
-    vocab, dim = 40, 16
+def pretrained_rows(vocab: int = 40, dim: int = 16):
+    """A Pretrained with rows 1, 2, 3, 5 found (distinct values), and its vectors."""
     found = np.zeros(vocab, bool)
     found[[1, 2, 3, 5]] = True
     vectors = np.where(found[:, None], np.arange(vocab * dim, dtype=np.float32).reshape(vocab, dim) / 100, 0)
-    pre = Pretrained(vectors=vectors.astype(np.float32), found=found)
-    before, params, _ = _one_step_state(config, _batch(vocab_used=10), keep_pretrained=(pre, pre))
+    return Pretrained(vectors=vectors.astype(np.float32), found=found), vectors
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "rmsprop", "adadelta", "sgd"])
+def test_frozen_pretrained_rows_never_change(optimizer):
+    # (The row_sparse update: test_row_sparse.py.)
+    config = from_hyperparameters(tiny_hp(optimizer=optimizer, weight_decay=0.5,
+                                          enc0_pretrained_embedding_file="g.txt",
+                                          enc0_vocab_file="v.json"))
+    pre, vectors = pretrained_rows()
+    before, params, _ = run_steps(config, random_batch(vocab_used=10), pretrained=(pre, pre))
     for name in ("embed0", "embed1"):
         new = np.asarray(params[name]["embedding"])
-        np.testing.assert_array_equal(new[found], vectors[found])  # initialised and frozen
+        np.testing.assert_array_equal(new[pre.found], vectors[pre.found])  # initialised and frozen
         assert not np.allclose(new[[4, 6, 7]], before[name]["embedding"][[4, 6, 7]])
 
 
@@ -434,7 +267,7 @@ def test_unfrozen_pretrained_rows_train():
     found = np.zeros(40, bool)
     found[1:5] = True
     pre = Pretrained(vectors=np.ones((40, 16), np.float32), found=found)
-    before, params, _ = _one_step_state(config, _batch(vocab_used=10), keep_pretrained=(pre, pre))
+    before, params, _ = run_steps(config, random_batch(vocab_used=10), pretrained=(pre, pre))
     np.testing.assert_array_equal(before["embed0"]["embedding"][1:5], 1.0)
     assert not np.allclose(np.asarray(params["embed0"]["embedding"][1:5]), 1.0)
 
