@@ -153,8 +153,11 @@ def device_bandwidth(mib: int = 2048, repeat: int = 9) -> float:
     return a.nbytes / common.median(times)
 
 
-def measure(network: str, n: int, repeat: int, torch, quick: bool) -> dict:
+def measure(network: str, n: int, repeat: int, torch, quick: bool, layout: str) -> dict:
     import o2v_jax
+    from o2v_jax.kernels import default_layout
+    from o2v_jax.model import abstract_model
+    from o2v_jax.predictor import Predictor
 
     dim = DIM if network != "bilstm" or not quick else 128
     seqs = synthetic.uniform_lengths(n, 4, MAX_LEN, VOCAB, seed=1)
@@ -162,6 +165,9 @@ def measure(network: str, n: int, repeat: int, torch, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config, params = build_model(Path(tmp) / "model", network, dim=dim)
         predictor = o2v_jax.load(Path(tmp) / "model")
+    if layout != default_layout():  # the same model and parameters, another code shape
+        predictor = Predictor(config, abstract_model(config, layout)[0], params,
+                              preferred_mode=predictor.preferred_mode)
     t0 = time.perf_counter()
     predictor.warmup(mode="embedding")
     warm = time.perf_counter() - t0
@@ -215,7 +221,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true")
     common.add_layout_arg(ap)
     args = ap.parse_args(argv)
-    print(f"o2v-jax code layout: {common.apply_layout(args)}")
+    layout = common.layout_from(args)
+    print(f"o2v-jax code layout: {layout}")
     torch = None if args.no_torch else common.try_import_torch()
     repeat = args.repeat or (3 if args.quick else 9)
 
@@ -242,7 +249,7 @@ def main(argv=None) -> None:
             n = args.sequences or (1024 if args.quick else 8192)
         else:
             n = 256 if args.quick else 2048
-        r = measure(network, n, repeat, torch, args.quick)
+        r = measure(network, n, repeat, torch, args.quick, layout)
         if network == "pooled_embedding":
             rate = r["tokens_per_second"]["o2v-jax"]
             limit = bw / (r["dim"] * 4)
@@ -260,7 +267,7 @@ def main(argv=None) -> None:
         if "ratio_vs_torch" in r:
             print(f"  ratio o2v-jax / torch (throughput): {r['ratio_vs_torch']:.2f}x")
         results["networks"].append(r)
-    common.write_json(args.json, "bench_embed", results)
+    common.write_json(args.json, "bench_embed", results, layout=layout)
     print("\nsummary (throughput ratio o2v-jax / torch):")
     for r in results["networks"]:
         extra = (f", {r['fraction_of_bandwidth_limit']:.0%} of the bandwidth limit"

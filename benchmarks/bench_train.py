@@ -33,6 +33,7 @@ rounds interleaved with ours. Medians of the rounds; the ratio is printed last.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -102,36 +103,39 @@ def shapes_of_one_epoch(data, config, seed: int = 99) -> dict[tuple[int, int], o
 class JaxLoop:
     """train()'s inner loop over a batch stream (o2v_jax.train.train, the epoch body)."""
 
-    def __init__(self, config, data, seed: int = 0, only_shape=None, native_rows: bool = True):
+    def __init__(self, config, data, layout: str, compiles: common.CompileCounter,
+                 seed: int = 0, only_shape=None, native_rows: bool = True):
         import jax
 
+        from o2v_jax.row_sparse import Options
         from o2v_jax.train import build_steps, init_params, stage_batch, staged
 
         self.jax = jax
-        self.stage = stage_batch
-        graphdef, self.params, keep = init_params(config, seed, (None, None))
-        self.steps = build_steps(graphdef, config, keep, native_rows=native_rows)
-        self.opt_state = self.steps.init_opt(self.params)
+        self.stage = functools.partial(stage_batch, layout=layout)
+        self.compiles = compiles
+        graphdef, params, keep = init_params(config, seed, (None, None), layout=layout)
+        self.steps = build_steps(graphdef, config, keep, layout=layout,
+                                 options=Options(native_rows=native_rows))
+        self.state = self.steps.init_state(params)
         self.dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
-        self.stream = staged(stream(data, config, seed, only_shape))  # as train() feeds it
+        self.stream = staged(stream(data, config, seed, only_shape), layout)  # as train() feeds it
 
     def compiled(self) -> int:
-        return self.steps.train_step._cache_size()
+        """Compiles in this process so far (a round that moved it compiled something)."""
+        return self.compiles.count
 
-    def step(self, batch, step):
-        """One train step on a staged batch (``stage_batch``'s first and last items)."""
-        self.params, self.opt_state, sums = self.steps.train_step(
-            self.params, self.opt_state, batch.in0, batch.in1, batch.labels, batch.weights,
-            self.dropout_root, step)
+    def step(self, batch):
+        """One train step on a staged batch (``stage_batch``'s first item)."""
+        self.state, sums = self.steps.train_step(self.state, batch, self.dropout_root)
         return sums
 
     def run(self, n: int) -> float:
         """Train on the next n batches; returns the real records seen (all work finished)."""
         parts, records = [], 0.0
-        for batch, real, step in itertools.islice(self.stream, n):
-            parts.append(self.step(batch, step))
+        for batch, real in itertools.islice(self.stream, n):
+            parts.append(self.step(batch))
             records += real
-        self.jax.block_until_ready((self.params, self.opt_state, parts))
+        self.jax.block_until_ready((self.state, parts))
         return records
 
 
@@ -231,7 +235,8 @@ class TorchLoop:
 # --------------------------------------------------------------------------- measurement
 
 def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, torch_ok: bool,
-            only_shape=None, warm_batches: int = 2, xla_scatter: bool = False) -> dict:
+            layout: str, compiles: common.CompileCounter, only_shape=None,
+            warm_batches: int = 2, xla_scatter: bool = False) -> dict:
     """Interleaved rounds of o2v-jax and torch; medians of records/s.
 
     ``xla_scatter`` also times o2v-jax with XLA's scatter writing the row_sparse loop's
@@ -241,9 +246,10 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
           + (f" (x{1 + config.negative_sampling_rate} with negative sampling)"
              if config.negative_sampling_rate else ""), flush=True)
     t0 = time.perf_counter()
-    loops = {"o2v-jax": JaxLoop(config, data, only_shape=only_shape)}
+    loops = {"o2v-jax": JaxLoop(config, data, layout, compiles, only_shape=only_shape)}
     if xla_scatter:
-        loops["xla-scatter"] = JaxLoop(config, data, only_shape=only_shape, native_rows=False)
+        loops["xla-scatter"] = JaxLoop(config, data, layout, compiles, only_shape=only_shape,
+                                       native_rows=False)
         rounds = {**rounds, "xla-scatter": rounds["o2v-jax"]}
     if torch_ok:
         loops["torch"] = TorchLoop(config, data, only_shape=only_shape)
@@ -255,20 +261,20 @@ def measure(name: str, config, data, *, rounds: dict[str, int], repeat: int, tor
         print(f"  torch intra-op threads: {result_threads} (the faster of 1 and "
               f"{os.cpu_count()} here)", flush=True)
     # Warm-up: one batch of every bucket shape (compiles each), then a few more batches.
-    t0 = time.perf_counter()
+    t0, compiled_before = time.perf_counter(), compiles.count
     shapes = shapes_of_one_epoch(data, config) if only_shape is None else {}
     jax_loops = [loop for loop in loops.values() if isinstance(loop, JaxLoop)]
     for loop in jax_loops:
         for batch in shapes.values():
-            staged, _, step = loop.stage(batch)  # as the stream stages it
-            loop.step(staged, step)
+            staged, _ = loop.stage(batch)  # as the stream stages it
+            loop.step(staged)
     for loop in loops.values():
         loop.run(warm_batches)
     for loop in jax_loops:
-        loop.jax.block_until_ready(loop.params)
+        loop.jax.block_until_ready(loop.state)
     warm = time.perf_counter() - t0
     print(f"  setup {build:.1f} s; warm-up {warm:.1f} s ({len(shapes) or 1} bucket shapes, "
-          f"{loops['o2v-jax'].compiled()} executables)", flush=True)
+          f"{compiles.count - compiled_before} compiles)", flush=True)
     rates = {k: [] for k in loops}
     discarded = 0
     for _ in range(repeat):
@@ -342,7 +348,8 @@ def main(argv=None) -> None:
                          "instead of the native kernel (o2v_jax/native.py)")
     common.add_layout_arg(ap)
     args = ap.parse_args(argv)
-    layout = common.apply_layout(args)
+    layout = common.layout_from(args)
+    compiles = common.CompileCounter()
     print(f"o2v-jax code layout: {layout}")
     import jax
 
@@ -364,7 +371,8 @@ def main(argv=None) -> None:
         data = synthetic.movielens(n)
         per_epoch = -(-n // config.mini_batch_size)
         r = measure(f"movielens ({source})", config, data, repeat=repeat, torch_ok=torch_ok,
-                    rounds={"o2v-jax": per_epoch, "torch": per_epoch})
+                    rounds={"o2v-jax": per_epoch, "torch": per_epoch}, layout=layout,
+                    compiles=compiles)
         r["host"] = host_batching(config, data)
         results.append(r)
     if args.job in ("wikipedia", "all"):
@@ -379,7 +387,8 @@ def main(argv=None) -> None:
                 rounds = {"o2v-jax": 2 if args.quick else 6, "torch": 2 if args.quick else 4}
             # --quick times the most common bucket only (one compile instead of ~16).
             r = measure(f"wikipedia {storage}", config, data, rounds=rounds, repeat=repeat,
-                        torch_ok=torch_ok, only_shape=(32, 50) if args.quick else None,
+                        torch_ok=torch_ok, layout=layout, compiles=compiles,
+                        only_shape=(32, 50) if args.quick else None,
                         xla_scatter=args.xla_scatter and storage == "row_sparse" and cpu_loop)
             r["sagemaker_k80_records_per_second"] = SAGEMAKER_K80[storage]
             print(f"  SageMaker, 1 K80 GPU (spec §7.3): ~{SAGEMAKER_K80[storage]:,} records/s; "
@@ -388,7 +397,7 @@ def main(argv=None) -> None:
             results.append(r)
             del r
         results[-1]["host"] = host_batching(config, data)
-    common.write_json(args.json, "bench_train", results)
+    common.write_json(args.json, "bench_train", results, layout=layout)
     print("\nsummary (records/s, o2v-jax vs torch):")
     for r in results:
         rps = r["records_per_second"]

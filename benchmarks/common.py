@@ -28,18 +28,33 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def add_layout_arg(ap: argparse.ArgumentParser) -> None:
-    """``--layout``: force o2v_jax's code shape (encoders.layout), e.g. to time the CPU
+    """``--layout``: force o2v_jax's code shape (o2v_jax.kernels), e.g. to time the CPU
     loops on a GPU as the baseline of the accelerator code; default: from the backend."""
     ap.add_argument("--layout", choices=["auto", "cpu", "accelerator"], default="auto",
                     help="code shape of the bag ops and row_sparse step (default: by backend)")
 
 
-def apply_layout(args: argparse.Namespace) -> str:
-    """Set encoders.LAYOUT from ``--layout``; returns the layout in effect."""
-    from o2v_jax import encoders
+def layout_from(args: argparse.Namespace) -> str:
+    """The layout ``--layout`` asks for ("auto": kernels.default_layout()); the bench
+    passes it to the model and the steps it builds."""
+    from o2v_jax.kernels import default_layout
 
-    encoders.LAYOUT = None if args.layout == "auto" else args.layout
-    return encoders.layout()
+    return default_layout() if args.layout == "auto" else args.layout
+
+
+class CompileCounter:
+    """XLA compiles requested in this process since it was made (jax.monitoring's
+    backend-compile event): a timed round during which it moved compiled something."""
+
+    def __init__(self) -> None:
+        import jax
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+
+    def _on_duration(self, name: str, _secs: float, **_kw) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeat: int,
@@ -65,8 +80,9 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def machine() -> dict[str, Any]:
-    """Facts that belong next to a number: date, CPU count, load, library versions."""
+def machine(layout: str | None = None) -> dict[str, Any]:
+    """Facts that belong next to a number: date, CPU count, load, library versions, and
+    o2v_jax's code shape (``layout``, else the backend's default)."""
     info: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -81,20 +97,21 @@ def machine() -> dict[str, Any]:
         import jax
 
         info["jax_backend"] = jax.default_backend()
-        from o2v_jax.encoders import layout
+        from o2v_jax.kernels import default_layout
 
-        info["o2v_layout"] = layout()
+        info["o2v_layout"] = layout or default_layout()
         info["jax_devices"] = [str(d) for d in jax.devices()]
     except Exception:  # noqa: BLE001 - facts only
         pass
     return info
 
 
-def write_json(path: str | None, name: str, results: Any, argv: list[str] | None = None) -> None:
+def write_json(path: str | None, name: str, results: Any, argv: list[str] | None = None,
+               layout: str | None = None) -> None:
     """Write ``{"bench": name, "command": ..., "machine": ..., "results": ...}``."""
     if not path:
         return
-    doc = {"bench": name, "command": " ".join(argv or sys.argv), "machine": machine(),
+    doc = {"bench": name, "command": " ".join(argv or sys.argv), "machine": machine(layout),
            "results": results}
     Path(path).write_text(json.dumps(doc, indent=2, default=float) + "\n")
 

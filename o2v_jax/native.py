@@ -2,10 +2,10 @@
 
 :func:`set_rows` is ``table.at[idx].set(rows, mode="drop")``. On the CPU it runs as an
 XLA FFI call into ``rows.cc`` (one ``memcpy`` per row, in place on a donated table)
-instead of XLA's CPU scatter, a serial per-element loop (13 of 42 ms of a
-Wikipedia-sized ``row_sparse`` step in a profile; the measured gain is smaller, about
-5% of a step, since the rows still go to memory: benchmarks/RESULTS.md, "Training
-throughput"). The results are identical: both copy the same values.
+instead of XLA's CPU scatter, a serial per-element loop that a profile showed as a
+large share of a Wikipedia-sized ``row_sparse`` step (the measured gain is smaller, since
+the rows still go to memory: benchmarks/RESULTS.md, "Training throughput"). The results
+are identical: both copy the same values.
 
 The C++ file is compiled on first use with the machine's C++ compiler (``$CXX``, else
 ``c++``/``g++``) against the XLA FFI headers that ship with jaxlib, into the o2v-jax

@@ -182,7 +182,6 @@ class Steps:
     train_step: Callable
     eval_step: Callable  # (params, batch) -> sums
     init_opt: Callable  # params -> opt_state
-    layout: str  # "cpu" or "accelerator": how stage_batch and staged feed the steps
 
     def init_state(self, params: Params, step: int = 0) -> TrainState:
         """A fresh optimizer state for ``params``, at global step ``step``."""
@@ -217,7 +216,7 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
             row_sparse.plan_batch, tied=tied, vocab=vocab, pooled=pooled,
             plan_min_tokens=options.plan_min_tokens))
     return Steps(train_step=train_step, eval_step=jax.jit(functools.partial(_eval_step, loss)),
-                 init_opt=jax.jit(functools.partial(init_opt_state, tx)), layout=layout)
+                 init_opt=jax.jit(functools.partial(init_opt_state, tx)))
 
 
 def stage_batch(batch: Batch, layout: str) -> tuple[Batch, int]:
@@ -306,8 +305,8 @@ def init_params(config: Config, seed: int, pretrained: tuple[Pretrained | None, 
     """
     init_key = jax.random.fold_in(jax.random.key(seed), 0)
     graphdef, _ = abstract_model(config, layout)
-    # Initialising under jit compiles all initialisers as one program (seconds faster
-    # than running them eagerly one by one).
+    # Initialising under jit compiles all initialisers as one program (faster than
+    # running them eagerly one by one).
     params = jax.jit(lambda key: split_params(
         Object2Vec(config, rngs=nnx_rngs(key), layout=layout))[1])(init_key)
     keep: dict[str, jax.Array] = {}
@@ -355,38 +354,74 @@ def _progress(total: int, desc: str, enabled: bool | None):
                 disable=disable, dynamic_ncols=True)
 
 
-def _resume(model_dir: Path, config: Config, seed: int, like: dict[str, Any],
-            pretrained: tuple[Pretrained | None, Pretrained | None]):
-    """The saved training state of ``model_dir`` restored into arrays shaped as ``like``
-    ({"params", "opt_state", "best"}), and its info; None when there is none.
+@dataclasses.dataclass
+class _Run:
+    """What the loop carries from epoch to epoch, and a resumed run restores."""
+
+    state: TrainState
+    keep: dict[str, jax.Array]  # table group -> (V, 1) update mask (0 = frozen row)
+    stopper: EarlyStopping
+    best_params: Params | None = None  # with validation: the best epoch's, on the host
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    epoch: int = 0  # the next epoch to run
+    global_step: int = 0
+
+
+def _resume(run: _Run, model_dir: Path, config: Config, seed: int, validation: bool,
+            pretrained: tuple[Pretrained | None, Pretrained | None]) -> _Run:
+    """``run`` continued from the training state saved in ``model_dir`` (unchanged when
+    there is none).
 
     Raises:
       checkpoint.ModelDirError: the state was saved for other hyperparameters or seed,
         or it predates saved frozen-row masks and no auxiliary channel was given.
     """
+    params = run.state.params
+
     def target(info: dict[str, Any]) -> dict[str, Any]:
         # The frozen-row masks are part of the state (so resuming needs no auxiliary
         # channel); states saved before they were have no "frozen_tables".
-        table = like["params"]
-        saved_keep = {name: np.ones((table[name]["embedding"].shape[0], 1), np.float32)
-                      for name in info.get("frozen_tables", ())}
-        return {**like, **({"keep": saved_keep} if "frozen_tables" in info else {})}
+        keep = {name: np.ones((params[name]["embedding"].shape[0], 1), np.float32)
+                for name in info.get("frozen_tables", ())}
+        return {"params": params, "opt_state": run.state.opt_state,
+                "best": params if validation else {},
+                **({"keep": keep} if "frozen_tables" in info else {})}
 
     restored = checkpoint.load_training_state(model_dir, target)
     if restored is None:
         log.warning("--resume: no training state in %s; starting from epoch 0", model_dir)
-        return None
-    state, info = restored
+        return run
+    saved, info = restored
     if info["hyperparameters"] != config.to_hyperparameters() or info["seed"] != seed:
         raise checkpoint.ModelDirError(
             f"{model_dir}: the saved training state was made with other "
             f"hyperparameters or seed; resume needs the same ones")
-    if "keep" not in state and any(enc.pretrained_embedding_file for enc in config.encoders) \
-            and not any(p is not None for p in pretrained):
+    keep = run.keep
+    if "keep" in saved:
+        keep = {name: jnp.asarray(mask) for name, mask in saved["keep"].items()}
+    elif any(enc.pretrained_embedding_file for enc in config.encoders) and not any(
+            p is not None for p in pretrained):
         raise checkpoint.ModelDirError(
             f"{model_dir}: this training state predates saved frozen-row masks; "
             f"resume it with the auxiliary channel it was trained with")
-    return state, info
+    log.info("Resuming from epoch %d (global step %d)", info["epoch"] + 1, info["global_step"])
+    return _Run(
+        TrainState(saved["params"], saved["opt_state"], jnp.asarray(info["global_step"], jnp.int32)),
+        keep, EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance,
+                            losses=info["losses"], bad=info["bad"]),
+        saved["best"] if validation else None, info["history"], info["epoch"] + 1,
+        info["global_step"])
+
+
+def _save_state(run: _Run, model_dir: Path, config: Config, seed: int, validation: bool) -> None:
+    """Checkpoint the run after epoch ``run.epoch - 1`` (what ``resume`` restores)."""
+    checkpoint.save_training_state(
+        model_dir,
+        {"params": run.state.params, "opt_state": run.state.opt_state,
+         "best": run.best_params if validation else {}, "keep": run.keep},
+        {"epoch": run.epoch - 1, "global_step": run.global_step, "history": run.history,
+         "seed": seed, "frozen_tables": sorted(run.keep), "losses": run.stopper.losses,
+         "bad": run.stopper.bad, "hyperparameters": config.to_hyperparameters()})
 
 
 def train(
@@ -415,109 +450,80 @@ def train(
     ``stop_after_epochs`` ends the run early after that many epochs *without* finishing it
     (it simulates an interruption for tests and for time-boxed runs).
     """
-    model_dir = Path(model_dir)
-    regression = config.is_regression
+    model_dir, validating = Path(model_dir), validation is not None
     layout = default_layout()
     graphdef, params, keep = init_params(config, seed, pretrained, layout=layout)
     opt_state = jax.jit(functools.partial(init_opt_state, make_optimizer(config)))(params)
-    dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
-    stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance)
-    history: list[dict[str, Any]] = []
-    best_params: Params | None = None
-    start_epoch, global_step = 0, 0
-
-    restored = None
+    run = _Run(TrainState(params, opt_state, jnp.asarray(0, jnp.int32)), keep,
+               EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance))
     if resume:
-        restored = _resume(model_dir, config, seed, {
-            "params": params, "opt_state": opt_state,
-            "best": params if validation is not None else {}}, pretrained)
-    if restored is not None:
-        saved, info = restored
-        params, opt_state = saved["params"], saved["opt_state"]
-        if "keep" in saved:
-            keep = {name: jnp.asarray(mask) for name, mask in saved["keep"].items()}
-        best_params = saved["best"] if validation is not None else None
-        start_epoch, global_step = info["epoch"] + 1, info["global_step"]
-        history = info["history"]
-        stopper = EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance,
-                                losses=info["losses"], bad=info["bad"])
-        log.info("Resuming from epoch %d (global step %d)", start_epoch, global_step)
-
-    steps = build_steps(graphdef, config, keep, layout=layout)
-    state = TrainState(params, opt_state, jnp.asarray(global_step, jnp.int32))
-
-    stopped_early = False
-    epochs_done = start_epoch
-    for epoch in range(start_epoch, config.epochs):
+        run = _resume(run, model_dir, config, seed, validating, pretrained)
+    steps = build_steps(graphdef, config, run.keep, layout=layout)
+    dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
+    start_epoch, stopped_early = run.epoch, False
+    while run.epoch < config.epochs:
+        epoch = run.epoch
         if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
-            return TrainResult(model_dir, epoch, -1, history, None, False)
+            return TrainResult(model_dir, epoch, -1, run.history, None, False)
         t0 = time.perf_counter()
         records, epoch_iter = epoch_batches(train_data, config, seed, epoch)
         parts = []
         with _progress(records, f"epoch {epoch}", progress) as bar:
             for batch, real in staged(epoch_iter, layout):
-                state, sums = steps.train_step(state, batch, dropout_root)
+                run.state, sums = steps.train_step(run.state, batch, dropout_root)
                 parts.append(sums)
-                global_step += 1
+                run.global_step += 1
                 bar.update(real)
         parts = jax.device_get(parts)  # one batched copy, not a round trip per step
         totals = {k: float(np.sum([p[k] for p in parts])) for k in ("loss", "correct", "count")}
         seconds = time.perf_counter() - t0
-        train_metrics = finish_metrics(totals, regression)
+        train_metrics = finish_metrics(totals, config.is_regression)
         record: dict[str, Any] = {"epoch": epoch, "seconds": seconds,
                                   "records_per_second": totals["count"] / max(seconds, 1e-9),
                                   **{f"train_{k}": v for k, v in train_metrics.items()}}
         for name, value in train_metrics.items():
             emit(quality_line(host, "train", name, value, epoch))
         stop = False
-        if validation is not None:
-            val_metrics = evaluate_params(steps, state.params, validation, config)
+        if validating:
+            val_metrics = evaluate_params(steps, run.state.params, validation, config)
             record.update({f"validation_{k}": v for k, v in val_metrics.items()})
             for name, value in val_metrics.items():
                 emit(quality_line(host, "validation", name, value, epoch))
-            stop = stopper.update(val_metrics[config.validation_metric])
-            if stopper.best_epoch == epoch:
-                best_params = jax.tree.map(np.array, state.params)
-        history.append(record)
+            stop = run.stopper.update(val_metrics[config.validation_metric])
+            if run.stopper.best_epoch == epoch:
+                run.best_params = jax.tree.map(np.array, run.state.params)
+        run.history.append(record)
         emit(f"#progress_metric: host={host}, completed {100.0 * (epoch + 1) / config.epochs} % of epochs")
         emit(f"#throughput_metric: host={host}, train throughput={record['records_per_second']:.2f} records/second")
-        epochs_done = epoch + 1
-        checkpoint.save_training_state(
-            model_dir,
-            {"params": state.params, "opt_state": state.opt_state,
-             "best": best_params if validation is not None else {}, "keep": keep},
-            {"epoch": epoch, "global_step": global_step, "history": history, "seed": seed,
-             "frozen_tables": sorted(keep),
-             "losses": stopper.losses, "bad": stopper.bad,
-             "hyperparameters": config.to_hyperparameters()})
+        run.epoch = epoch + 1
+        _save_state(run, model_dir, config, seed, validating)
         if stop:
             emit("Bad epochs exceeded patience. Stopping training early!")
             stopped_early = True
             break
 
-    params = state.params
-    if validation is not None and best_params is not None:
-        best_epoch = stopper.best_epoch
-        emit(f"Best model based on epoch {best_epoch}. Best loss: {stopper.losses[best_epoch]:.3f}")
-        params = jax.tree.map(jnp.asarray, best_params)
+    params = run.state.params
+    if validating and run.best_params is not None:
+        best_epoch = run.stopper.best_epoch
+        emit(f"Best model based on epoch {best_epoch}. Best loss: {run.stopper.losses[best_epoch]:.3f}")
+        params = jax.tree.map(jnp.asarray, run.best_params)
     else:
-        best_epoch = epochs_done - 1
+        best_epoch = run.epoch - 1
     test_metrics = None
     if test is not None:
         test_metrics = evaluate_params(steps, params, test, config)
         for name, value in test_metrics.items():
             emit(quality_line(host, "test", name, value))
     metadata = {
-        "best_epoch": best_epoch, "epochs_run": epochs_done, "stopped_early": stopped_early,
-        "seed": seed, "history": history, "test_metrics": test_metrics,
-        "num_records": {"train": len(train_data),
-                        "validation": len(validation) if validation is not None else 0,
+        "best_epoch": best_epoch, "epochs_run": run.epoch, "stopped_early": stopped_early,
+        "seed": seed, "history": run.history, "test_metrics": test_metrics,
+        "num_records": {"train": len(train_data), "validation": len(validation) if validating else 0,
                         "test": len(test) if test is not None else 0},
     }
     checkpoint.save_model(model_dir, hyperparameters=config.to_hyperparameters(),
                           params=params, metadata=metadata)
     checkpoint.clear_training_state(model_dir)
-    return TrainResult(model_dir, epochs_done, best_epoch, history, test_metrics, stopped_early)
+    return TrainResult(model_dir, run.epoch, best_epoch, run.history, test_metrics, stopped_early)
 
 
 def load_for_evaluation(model_dir: str | Path) -> tuple[Config, Steps, Params]:
