@@ -381,10 +381,10 @@ class LazyUpdate:
             if table_rows.plan is None:  # ids remapped to positions in `rows`
                 grads[name] = sliced(embedding_bag_mean_grad(
                     rows[name].shape[0],
-                    [(ids, g) for ids, (_, g) in zip(table_rows.remapped, parts)], self.layout))
+                    [(r, g) for r, (_, g) in zip(table_rows.remapped, parts)], self.layout))
                 continue
             hot, levels, level_starts = table_rows.plan
-            per = jnp.concatenate([g / bag_counts(ids, g.dtype) for ids, g in parts])  # (S, D)
+            per = jnp.concatenate([g / bag_counts(b, g.dtype) for b, g in parts])  # (S, D)
             per = jnp.concatenate([per, jnp.zeros_like(per[:1]), hot @ per])  # see gradient_plan
             grads[name] = functools.partial(chunk_gradient, per, levels, level_starts)
         return sums, g_rest, grads

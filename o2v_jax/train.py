@@ -337,7 +337,7 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 def epoch_batches(train_data: PairData, config: Config, seed: int,
                   epoch: int) -> tuple[int, Iterator[Batch]]:
     """One training epoch's host work: ``(records, batches)``, the channel plus this
-    epoch's negatives (:func:`~o2v_jax.data.negative_pairs`, when the config samples
+    epoch's negatives (:func:`~o2v_jax.sampling.negative_pairs`, when the config samples
     them), batched in this epoch's shuffled order. Depends only on (seed, epoch)."""
     data = train_data
     if config.negative_sampling_rate > 0:
@@ -364,7 +364,7 @@ class _Run:
     best_params: Params | None = None  # with validation: the best epoch's, on the host
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     epoch: int = 0  # the next epoch to run
-    global_step: int = 0
+    global_step: int = 0  # state.step, counted on the host (saving it never waits)
 
 
 def _resume(run: _Run, model_dir: Path, config: Config, seed: int, validation: bool,
@@ -405,12 +405,13 @@ def _resume(run: _Run, model_dir: Path, config: Config, seed: int, validation: b
             f"{model_dir}: this training state predates saved frozen-row masks; "
             f"resume it with the auxiliary channel it was trained with")
     log.info("Resuming from epoch %d (global step %d)", info["epoch"] + 1, info["global_step"])
-    return _Run(
-        TrainState(saved["params"], saved["opt_state"], jnp.asarray(info["global_step"], jnp.int32)),
-        keep, EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance,
-                            losses=info["losses"], bad=info["bad"]),
-        saved["best"] if validation else None, info["history"], info["epoch"] + 1,
-        info["global_step"])
+    step = info["global_step"]
+    return _Run(state=TrainState(saved["params"], saved["opt_state"], jnp.asarray(step, jnp.int32)),
+                keep=keep, best_params=saved["best"] if validation else None,
+                stopper=EarlyStopping(config.early_stopping_patience,
+                                      config.early_stopping_tolerance,
+                                      losses=info["losses"], bad=info["bad"]),
+                history=info["history"], epoch=info["epoch"] + 1, global_step=step)
 
 
 def _save_state(run: _Run, model_dir: Path, config: Config, seed: int, validation: bool) -> None:
