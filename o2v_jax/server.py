@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from o2v_jax import __version__, wire
+from o2v_jax import __version__, npz, wire
 from o2v_jax import env as env_vars
 from o2v_jax.env import BATCH_STRATEGIES, MAX_PAYLOAD_MB, PREFERRED_MODES
 from o2v_jax.ragged import Ragged
@@ -249,7 +249,7 @@ def count_records(body: bytes, media_type: str) -> int:
     if media == wire.JSON:
         return body.count(b'{"') - 1
     if media == wire.NPY:
-        return wire.npy_rows(body)
+        return npz.npy_rows(body)
     return body.count(b"\n")
 
 
