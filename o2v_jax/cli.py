@@ -15,7 +15,12 @@ CHANNELS = ("train", "validation", "test", "auxiliary")
 
 
 class UsageError(Exception):
-    """A problem with the command line or its inputs, reported without a traceback."""
+    """A problem with the command line or its inputs, reported without a traceback (exit 2)."""
+
+
+class RunError(Exception):
+    """A command that cannot go on for a reason outside its inputs (e.g. the port is taken),
+    reported without a traceback (exit 1)."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -149,6 +154,77 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax.app import Settings
+    from o2v_jax.env import MAX_PAYLOAD_MB, PREFERRED_MODES
+
+    def default(name: str):
+        return Settings.__dataclass_fields__[name].default
+
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP (SageMaker's /ping and /invocations)",
+        description="Serve a trained model over HTTP with SageMaker's container protocol: "
+                    "GET /ping, POST /invocations, GET /execution-parameters. Binds "
+                    f"{default('host')} (this machine only) unless told otherwise. Request bodies: "
+                    "application/json or application/jsonlines (SageMaker's), or application/x-npz "
+                    "(NumPy arrays in0/in1); responses: JSON, JSON Lines or application/x-npy "
+                    "(Accept). See docs/serving.md and docs/inference.md.",
+        epilog="examples:\n"
+               "  o2v serve --model-dir runs/m1                  # http://127.0.0.1:8080\n"
+               "  o2v serve --model-dir runs/m1 --host 0.0.0.0   # reachable from other machines\n"
+               "  o2v serve                                      # SageMaker container mode:\n"
+               "                                                 #   /opt/ml/model on 0.0.0.0:8080\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, metavar="DIR",
+                   help="a directory written by `o2v train`; without it, SageMaker container mode "
+                        "(see --sagemaker)")
+    p.add_argument("--host", help=f"address to bind (default {default('host')}, this machine only; "
+                                  "SageMaker mode: 0.0.0.0, all interfaces)")
+    p.add_argument("--port", type=int, help=f"port (default {default('port')}; SageMaker mode: "
+                                            "$SAGEMAKER_BIND_TO_PORT if set); 0 picks a free port")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"concurrent inferences (default {default('threads')}; SageMaker mode: "
+                        f"$SAGEMAKER_MAX_CONCURRENT_TRANSFORMS); a request waits up to "
+                        f"{default('queue_timeout'):g} s for one, then gets 503")
+    p.add_argument("--max-body-mb", type=int, metavar="MB",
+                   help=f"request body cap in MiB, 1-{MAX_PAYLOAD_MB} (default {default('max_body_mb')}; "
+                        "SageMaker mode: $SAGEMAKER_MAX_PAYLOAD_IN_MB); larger bodies get 413")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help=f"open connections (default {default('max_connections')}); more are answered 503")
+    p.add_argument("--timeout", dest="read_timeout", type=float, metavar="SECONDS",
+                   help=f"how long one socket read may wait before the connection is closed "
+                        f"(default {default('read_timeout'):g})")
+    p.add_argument("--preferred-mode", choices=PREFERRED_MODES,
+                   help="which network to favour (default $INFERENCE_PREFERRED_MODE, else both)")
+    p.add_argument("--no-batching", dest="batching", action="store_const", const=False,
+                   help="answer each request with its own predictor call instead of merging "
+                        "concurrent small requests (dynamic batching, on by default)")
+    p.add_argument("--sagemaker", action="store_true",
+                   help="SageMaker container mode: model from /opt/ml/model, bind 0.0.0.0, honour "
+                        "SAGEMAKER_* variables. Implied without --model-dir (`docker run IMAGE serve`)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code (errors go through main)."""
+    from o2v_jax.app import resolve_settings
+    from o2v_jax.http import serve
+
+    try:
+        settings = resolve_settings(args)
+    except ValueError as e:  # a malformed variable or an out-of-range flag
+        raise UsageError(str(e)) from None
+    if not settings.model_dir.is_dir():
+        raise UsageError(f"model directory {settings.model_dir} does not exist"
+                         + ("" if args.model_dir else " (no --model-dir: SageMaker container mode)"))
+    try:
+        return serve(settings)
+    except OSError as e:  # the port is taken, or the address is not ours
+        raise RunError(f"cannot listen on {settings.host}:{settings.port}: {e}") from None
+
+
 # --------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     from o2v_jax import transform
 
     transform.add_parser(sub)
-    from o2v_jax import server
-
-    server.add_parser(sub)
+    _add_serve(sub)
     from o2v_jax import demo
 
     demo.add_parser(sub)
@@ -189,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, HyperparameterError, DataError, ModelDirError, FileNotFoundError) as e:
         message = str(e)
         print(f"o2v {args.command}: error: {message}", file=sys.stderr)
-        if getattr(args, "sagemaker", False):
+        if getattr(args, "sagemaker", False) and hasattr(args, "ml_root"):  # a training job
             # SageMaker reports the contents of /opt/ml/output/failure as the job's reason.
             failure = args.ml_root / "output" / "failure"
             try:
@@ -198,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 pass
         return 2
+    except RunError as e:
+        print(f"o2v {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"o2v {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,14 +1,16 @@
-"""The `o2v` command line: train (plain and SageMaker layout), evaluate, errors."""
+"""The `o2v` command line: train (plain and SageMaker layout), evaluate, serve and
+transform flags, and the errors main() reports."""
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 
 import pytest
 from conftest import group_pairs, tiny_hp, write_jsonl
 
-from o2v_jax.cli import main
+from o2v_jax.cli import build_parser, main
 
 
 def test_sagemaker_layout_train_and_evaluate(tmp_path, capsys):
@@ -70,3 +72,58 @@ def test_train_without_flags_uses_sagemaker_layout(tmp_path, capsys):
     write_jsonl(root / "input" / "data" / "train" / "a.jsonl", group_pairs(32, 0))
     assert main(["train", "--ml-root", str(root), "--no-progress"]) == 0
     assert (root / "model" / "model.json").is_file()
+
+
+# --------------------------------------------------------------------------- serve and transform
+
+
+def test_serve_help_says_where_it_binds_and_errors_exit_as_before(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 127.0.0.1, this machine only" in text and "0.0.0.0" in text
+    assert all(t in text for t in ("application/json", "application/jsonlines",
+                                   "application/x-npz", "application/x-npy"))
+    # Bad settings and a missing model directory: exit 2, one line naming the problem.
+    assert main(["serve", "--model-dir", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"o2v serve: error: model directory {tmp_path / 'missing'} does not exist"
+    assert main(["serve", "--model-dir", str(tmp_path), "--max-body-mb", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "o2v serve: error: max_body_mb (--max-body-mb, SAGEMAKER_MAX_PAYLOAD_IN_MB) must be in [1, 100], got 0"
+    monkeypatch.setenv("SAGEMAKER_BATCH_STRATEGY", "ALL")
+    assert main(["serve", "--sagemaker", "--model-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "o2v serve: error: SAGEMAKER_BATCH_STRATEGY='ALL'" in err and "Traceback" not in err
+    assert not (tmp_path / "output").exists()  # no SageMaker failure file: that is for training jobs
+
+
+def test_serve_on_a_taken_port_exits_1(tmp_path, capsys):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", "--model-dir", str(tmp_path), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"o2v serve: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+@pytest.mark.parametrize("spelling, strategy", [
+    ("MultiRecord", "MultiRecord"), ("multi_record", "MultiRecord"), ("MULTI_RECORD", "MultiRecord"),
+    ("SingleRecord", "SingleRecord"), ("singlerecord", "SingleRecord"), ("SINGLE_RECORD", "SingleRecord")])
+def test_transform_strategy_takes_every_sagemaker_spelling(spelling, strategy):
+    argv = ["transform", "--model-dir", "m", "--input", "i", "--output", "o"]
+    assert build_parser().parse_args(argv).strategy == "MultiRecord"
+    assert build_parser().parse_args([*argv, "--strategy", spelling]).strategy == strategy
+
+
+def test_transform_errors_exit_2_with_one_line(tmp_path, capsys):
+    argv = ["transform", "--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--model-dir", str(tmp_path), "--strategy", "Batch"])
+    assert e.value.code == 2
+    assert "argument --strategy: invalid choice: 'Batch'" in capsys.readouterr().err
+    assert main([*argv, "--model-dir", str(tmp_path / "nomodel")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"o2v transform: error: {tmp_path / 'nomodel'}: model directory not found"
