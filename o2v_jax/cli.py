@@ -4,6 +4,7 @@ its inputs and calls one library function."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -154,6 +155,68 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- transform
+
+def _add_transform(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax import wire
+    from o2v_jax.env import BATCH_STRATEGIES, batch_strategy
+    from o2v_jax.transform import DEFAULT_MAX_PAYLOAD_MB, strategy_name
+
+    def strategy(text: str) -> str:  # any of SageMaker's spellings -> MultiRecord / SingleRecord
+        normal = batch_strategy(text)
+        return strategy_name(normal) if normal else text
+
+    p = sub.add_parser(
+        "transform", help="batch transform: score or embed JSON Lines files offline",
+        description="Answer every line of a file (or of every file in a directory) with a "
+                    "trained model, as SageMaker batch transform does with SplitType=Line "
+                    "and AssembleWith=Line: <input name>.out gets one line per input line.",
+        epilog="examples:\n"
+               "  o2v transform --model-dir runs/m1 --input pairs.jsonl --output out/\n"
+               "  INFERENCE_PREFERRED_MODE=embedding o2v transform --model-dir runs/m1 \\\n"
+               "      --input sentences/ --output vectors/ --max-payload 1 --skip-bad-lines\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True, help="a directory written by `o2v train`")
+    p.add_argument("--input", type=Path, required=True, help="an input file or a directory of them")
+    p.add_argument("--output", type=Path, required=True, help="directory for the .out files")
+    p.add_argument("--content-type", default=wire.JSONLINES, metavar="TYPE",
+                   help=f"what a line holds: {wire.JSONLINES} (one instance, default) or "
+                        f"{wire.JSON} (one {{\"instances\": [...]}} request); may carry "
+                        f"'; infer_max_seqlens=L0,L1'")
+    p.add_argument("--accept", default=None, metavar="TYPE",
+                   help="response format per line (default: the content type's own)")
+    p.add_argument("--strategy", default="MultiRecord", type=strategy,
+                   choices=[strategy_name(s) for s in BATCH_STRATEGIES],
+                   help="MultiRecord (mini-batches up to --max-payload, default) or SingleRecord")
+    p.add_argument("--max-payload", type=float, default=DEFAULT_MAX_PAYLOAD_MB, metavar="MB",
+                   help=f"mini-batch size limit in MB (MiB), default {DEFAULT_MAX_PAYLOAD_MB:g}")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help='write {"error": ..., "line": N} for a bad line and go on, instead of stopping')
+    p.add_argument("--compile-cache-dir", type=Path, default=None, metavar="DIR",
+                   help="JAX persistent compilation cache (faster second start)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_transform)
+
+
+def _run_transform(args: argparse.Namespace) -> int:
+    """Transform the input; prints a JSON summary line (errors go through main)."""
+    from o2v_jax.predictor import load
+    from o2v_jax.transform import transform
+
+    predictor = load(args.model_dir, compile_cache_dir=args.compile_cache_dir)
+    progress = not args.no_progress and sys.stderr.isatty()
+    stats = transform(predictor, args.input, args.output, progress=progress,
+                      content_type=args.content_type, accept=args.accept,
+                      strategy=args.strategy, max_payload_mb=args.max_payload,
+                      skip_bad_lines=args.skip_bad_lines)
+    if stats.bad_lines:
+        log.warning("%d bad lines were written as {\"error\": ...} records", stats.bad_lines)
+    summary = {**dataclasses.asdict(stats), "seconds": round(stats.seconds, 3),
+               "output": str(args.output)}
+    print("Transform finished: " + json.dumps(summary, sort_keys=True), flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- serve
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -234,9 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_evaluate(sub)
-    from o2v_jax import transform
-
-    transform.add_parser(sub)
+    _add_transform(sub)
     _add_serve(sub)
     from o2v_jax import demo
 
