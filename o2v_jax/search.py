@@ -69,7 +69,7 @@ def block_scores(q: jax.Array, c: jax.Array, metric: str) -> jax.Array:
 
 
 def chunk_size(n: int, cap: int) -> int:
-    """The ladder rung for n rows: the smallest power of two >= n, at least MIN_CHUNK, at most cap."""
+    """The ladder rung for n rows: the smallest power of two >= n, >= MIN_CHUNK, <= cap."""
     return min(cap, max(MIN_CHUNK, 1 << max(n - 1, 0).bit_length()))
 
 
@@ -112,7 +112,7 @@ def _select(s, ids, k: int):
     # floats totally (-0.0 below 0.0), so zeros are made equal first. Everything else
     # (-inf, NaN, masked) gets -inf here and is ordered in `fill`, only when a row needs it.
     key = jnp.where(scored, jnp.where(s == 0, 0.0, s), -jnp.inf)
-    vals, pos = lax.top_k(key, k)  # equal values: lower position first
+    vals, pos = lax.top_k(key, k)  # documented: equal values keep the lower position first
     n_scored = jnp.sum(vals > -jnp.inf, axis=1, keepdims=True)
 
     def fill(pos):

@@ -232,7 +232,7 @@ def test_group_pairs_errors(labels, match):
 
 
 def test_relevance_and_shape_errors():
-    with pytest.raises(ValueError, match=r"relevance of query 1: candidate rows must be in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"query 1: candidate rows must be in \[0, 3\)"):
         Relevance.from_lists([[0], [3]], 3)
     with pytest.raises(ValueError, match=r"scores: expected shape \(1, 3\)"):
         evaluate_scores(np.zeros((1, 4)), Relevance.from_lists([[0]], 3))
