@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Python block-buffers stdout into a pipe or file, as in a SageMaker container, where
+    # HPO reads #quality_metric lines from the log while the job runs: every line leaves now.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -224,7 +225,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
              source: Path | str | None = None, cache_dir: Path | str | None = None,
              epochs: int | None = None, quick: bool = False, seed: int = 0,
              progress: bool | None = None,
-             emit: Callable[[str], None] = print) -> DemoResult:
+             emit: Callable[[str], None] = functools.partial(print, flush=True)) -> DemoResult:
     """Run the MovieLens demo; see the module docstring for what it does and writes.
 
     Args:
@@ -237,7 +238,8 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
         quick: a tiny model (tests, smoke runs).
         seed: training seed.
         progress: tqdm bars: None = when stderr is a terminal.
-        emit: where the printed lines go (metric lines included).
+        emit: where the printed lines go (metric lines included); the default flushes
+            each, so they reach a pipe as written.
     """
     from . import load as load_predictor
     from .config import from_hyperparameters
