@@ -307,7 +307,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     emit("\n== Serving")
     emit(f"  this model:    o2v serve --model-dir {model_dir}   (127.0.0.1:8080)")
-    emit("  shipped model: just serve   (checkpoints/movielens-100k, trained with this preset)")
+    emit("  shipped model: ./just serve (checkpoints/movielens-100k, trained with this preset)")
     emit("  score a pair:  curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
          "application/json' -d '{\"instances\": [{\"in0\": [196], \"in1\": [242]}]}'")
     emit("  embed a movie: curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
