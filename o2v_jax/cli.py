@@ -21,7 +21,8 @@ class UsageError(Exception):
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax"):
+    # matplotlib: its first import logs "generated new fontManager" at INFO.
+    for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

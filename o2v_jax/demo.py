@@ -254,7 +254,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     emit("== MovieLens 100k: data")
     files = prepare_movielens(data_dir, source=source, cache_dir=cache_dir,
-                              progress=progress is not False)
+                              progress=sys.stderr.isatty() if progress is None else progress)
     emit(f"{files.n_ratings:,} ratings from {files.source}; ua split: "
          f"{files.n_train:,} train / {files.n_validation:,} validation (each user's first "
          f"10 ratings), {files.n_users:,} users, {files.n_items:,} movies -> {data_dir}")
