@@ -73,10 +73,14 @@ def _checkout(tmp_path: Path, python: str | None = None, tools=TOOLS) -> tuple[P
     return repo, bin_dir
 
 
-def _run(repo: Path, bin_dir: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(repo: Path, bin_dir: Path, *args: str, cwd: Path | None = None,
+         **env_vars: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if PASS_THROUGH.match(k)}
-    env.update(PATH=str(bin_dir), HOME=str(repo.parent / "home"))
-    return subprocess.run(["./just", *args], cwd=repo, env=env, capture_output=True, text=True,
+    env.update(PATH=str(bin_dir), HOME=str(repo.parent / "home"), **env_vars)
+    cwd = cwd or repo
+    script = os.path.relpath(repo / "just", cwd)  # "repo/just" as typed, or "./just"
+    script = script if os.sep in script else "./" + script
+    return subprocess.run([script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -106,6 +110,10 @@ def test_first_run_installs_the_pinned_just_and_hands_over(tmp_path):
     (bin_dir / "just").chmod(0o755)
     again = _run(repo, bin_dir, "--version")
     assert (again.returncode, again.stdout.strip(), again.stderr) == (0, f"just {JUST_VERSION}", "")
+    # From another folder (with a CDPATH, which makes a plain `cd` print): this Justfile.
+    elsewhere = _run(repo, bin_dir, "--list", cwd=tmp_path, CDPATH=str(tmp_path))
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert elsewhere.stdout == first.stdout
 
 
 # python3 as on Debian without the python3-venv package: `-m venv` leaves a venv without
