@@ -1,6 +1,9 @@
 # o2v-jax: Object2Vec in JAX/Flax. `./just` lists the recipes; it installs the pinned
 # `just` into .venv on first use (see the script's header).
 
+# Recipe arguments reach commands as "$@", each one word: ./just test -k "a or b" works.
+set positional-arguments
+
 venv := ".venv"
 py := venv / "bin/python"
 
@@ -15,21 +18,21 @@ install:
 
 # The main job: MovieLens 100k end to end (fetch, train, evaluate, embed, neighbours)
 demo *ARGS: install
-    {{venv}}/bin/o2v demo {{ARGS}}
+    {{venv}}/bin/o2v demo "$@"
 
 # Run the test suite
 test *ARGS: install
-    {{py}} -m pytest -q {{ARGS}}
+    {{py}} -m pytest -q "$@"
 
 # Serve the shipped MovieLens model on 127.0.0.1:8080
 serve *ARGS: install
-    {{venv}}/bin/o2v serve --model-dir checkpoints/movielens-100k {{ARGS}}
+    {{venv}}/bin/o2v serve --model-dir checkpoints/movielens-100k "$@"
 
 # Run the benchmarks (baselines in the same run; results go to benchmarks/RESULTS.md by hand)
 bench *ARGS: install
     PIP_DISABLE_PIP_VERSION_CHECK=1 {{py}} -m pip install -q -e '.[bench]'
-    {{py}} benchmarks/run_all.py {{ARGS}}
+    {{py}} benchmarks/run_all.py "$@"
 
 # Train from a hyperparameters file: ./just train --train data/train.jsonl --model-dir runs/m ...
 train *ARGS: install
-    {{venv}}/bin/o2v train {{ARGS}}
+    {{venv}}/bin/o2v train "$@"
