@@ -27,7 +27,8 @@ FILES = ("just", "Justfile", "pyproject.toml")
 TOOLS = ("sh", "dirname", "rm", "mkdir")
 RECIPES = ("default", "install", "demo", "test", "serve", "bench", "train")
 # Network settings a user's machine may need to reach PyPI: kept, nothing else is.
-PASS_THROUGH = re.compile(r"(?i)^(https?_proxy|no_proxy|all_proxy|ssl_cert_(file|dir)|pip_(index_url|extra_index_url|cert|trusted_host))$")
+PASS_THROUGH = re.compile(r"(?i)^(https?_proxy|no_proxy|all_proxy|ssl_cert_(file|dir)"
+                          r"|pip_(index_url|extra_index_url|cert|trusted_host))$")
 
 
 def _pinned(name: str) -> str:
@@ -48,7 +49,8 @@ def _pypi_reachable() -> bool:
         return False
 
 
-needs_pypi = pytest.mark.skipif(not _pypi_reachable(), reason="PyPI is not reachable: the bootstrap installs just from it")
+needs_pypi = pytest.mark.skipif(not _pypi_reachable(),
+                                reason="PyPI is not reachable: the bootstrap installs just from it")
 
 
 def _python() -> str:
@@ -124,7 +126,7 @@ case " $* " in
 *" -m venv "*)
   for last; do :; done
   mkdir -p "$last/bin"
-  echo "The virtual environment was not created successfully because ensurepip is not available." >&2
+  echo "The virtual environment was not created successfully because ensurepip is not" >&2
   exit 1 ;;
 esac
 exec REAL "$@"
@@ -141,7 +143,7 @@ def test_without_ensurepip_pip_comes_from_its_pinned_wheel(tmp_path):
     assert _progress(done.stderr)[1:] == [
         f"o2v-jax: installing pip {PIP_VERSION} into .venv (python3 has no ensurepip)",
         f"o2v-jax: installing just {JUST_VERSION} and pip {PIP_VERSION} into .venv"]
-    assert "ensurepip is not available" not in done.stderr  # the fallback's cause is not an error
+    assert "ensurepip is not" not in done.stderr  # the fallback's cause is not an error
     pip = subprocess.run([repo / ".venv/bin/python", "-m", "pip", "--version"],
                          capture_output=True, text=True, check=True)
     assert pip.stdout.startswith(f"pip {PIP_VERSION} ")
@@ -152,7 +154,8 @@ def test_without_ensurepip_pip_comes_from_its_pinned_wheel(tmp_path):
 def test_a_pip_wheel_with_the_wrong_sha256_is_not_installed(tmp_path):
     repo, bin_dir = _checkout(tmp_path, python=NO_ENSUREPIP)
     text = (repo / "just").read_text()
-    (repo / "just").write_text(re.sub(r"^PIP_WHEEL_SHA256=\S+$", "PIP_WHEEL_SHA256=" + "0" * 64, text, flags=re.M))
+    (repo / "just").write_text(re.sub(r"^PIP_WHEEL_SHA256=\S+$", "PIP_WHEEL_SHA256=" + "0" * 64,
+                                      text, flags=re.M))
     done = _run(repo, bin_dir, "--version")
     assert done.returncode == 1
     assert "wrong sha256, not installed" in done.stderr
@@ -161,7 +164,11 @@ def test_a_pip_wheel_with_the_wrong_sha256_is_not_installed(tmp_path):
 
 
 def test_an_old_python3_is_refused_with_what_is_needed(tmp_path):
-    old = "#!/bin/sh\n[ \"$1\" = -c ] && exec REAL -c \"import sys; sys.version_info = (3, 10, 12, 'final', 0); exec(sys.argv[1])\" \"$2\"\nexec REAL \"$@\"\n"
+    # python3 that says it is 3.10.12 to the version checks (`-c CODE`), and runs otherwise.
+    old = """#!/bin/sh
+[ "$1" = -c ] && exec REAL -c "import sys; sys.version_info = (3, 10, 12, 'final', 0); exec(sys.argv[1])" "$2"
+exec REAL "$@"
+"""
     repo, bin_dir = _checkout(tmp_path, python=old)
     done = _run(repo, bin_dir, "demo")
     assert done.returncode == 1

@@ -117,7 +117,8 @@ def test_metric_lines_reach_a_pipe_as_each_epoch_ends(tmp_path, entry):
              "--model-dir", str(model_dir)] if entry == "cli"
             else ["library", str(train_path), str(hp_file), str(model_dir)])
     root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     env.pop("PYTHONUNBUFFERED", None)
     child = subprocess.Popen([sys.executable, "-c", GATED_CHILD, *args], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=env)

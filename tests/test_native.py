@@ -53,7 +53,7 @@ def _require_native() -> None:
             pytest.skip(f"{native.ENV}=0 turns the native row write-back off")
         if _no_compiler():
             pytest.skip(NO_COMPILER)
-    assert native.available(), f"the native row write-back is unavailable: {native._state.get('why')}"
+    assert native.available(), f"native row write-back unavailable: {native._state.get('why')}"
 
 
 @pytest.fixture
