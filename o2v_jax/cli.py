@@ -26,7 +26,8 @@ class UsageError(Exception):
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax"):
+    # matplotlib: its first import logs "generated new fontManager" at INFO.
+    for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -260,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Python block-buffers stdout into a pipe or file, as in a SageMaker container, where
+    # HPO reads #quality_metric lines from the log while the job runs: every line leaves now.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -25,6 +25,7 @@ both numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -222,7 +223,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
              source: Path | str | None = None, cache_dir: Path | str | None = None,
              epochs: int | None = None, quick: bool = False, seed: int = 0,
              progress: bool | None = None,
-             emit: Callable[[str], None] = print) -> DemoResult:
+             emit: Callable[[str], None] = functools.partial(print, flush=True)) -> DemoResult:
     """Run the MovieLens demo; see the module docstring for what it does and writes.
 
     Args:
@@ -235,7 +236,8 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
         quick: a tiny model (tests, smoke runs).
         seed: training seed.
         progress: tqdm bars: None = when stderr is a terminal.
-        emit: where the printed lines go (metric lines included).
+        emit: where the printed lines go (metric lines included); the default flushes
+            each, so they reach a pipe as written.
     """
     from o2v_jax import load as load_predictor
     from o2v_jax.config import from_hyperparameters
@@ -250,7 +252,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     emit("== MovieLens 100k: data")
     files = prepare_movielens(data_dir, source=source, cache_dir=cache_dir,
-                              progress=progress is not False)
+                              progress=sys.stderr.isatty() if progress is None else progress)
     emit(f"{files.n_ratings:,} ratings from {files.source}; ua split: "
          f"{files.n_train:,} train / {files.n_validation:,} validation (each user's first "
          f"10 ratings), {files.n_users:,} users, {files.n_items:,} movies -> {data_dir}")
@@ -303,7 +305,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     emit("\n== Serving")
     emit(f"  this model:    o2v serve --model-dir {model_dir}   (127.0.0.1:8080)")
-    emit("  shipped model: just serve   (checkpoints/movielens-100k, trained with this preset)")
+    emit("  shipped model: ./just serve (checkpoints/movielens-100k, trained with this preset)")
     emit("  score a pair:  curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
          "application/json' -d '{\"instances\": [{\"in0\": [196], \"in1\": [242]}]}'")
     emit("  embed a movie: curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
