@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources

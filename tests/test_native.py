@@ -49,8 +49,8 @@ def _require_native() -> None:
     optional) or O2V_NATIVE=0 turns it off, unless $O2V_REQUIRE_NATIVE=1; a compiler
     that is there and fails is always a failure."""
     if os.environ.get(REQUIRE) != "1":
-        if os.environ.get(native.ENV, "1").strip() == "0":
-            pytest.skip(f"{native.ENV}=0 turns the native row write-back off")
+        if os.environ.get(env.NATIVE, "1").strip() == "0":
+            pytest.skip(f"{env.NATIVE}=0 turns the native row write-back off")
         if _no_compiler():
             pytest.skip(NO_COMPILER)
     assert native.available(), f"native row write-back unavailable: {native._state.get('why')}"
@@ -219,7 +219,7 @@ def test_set_rows_edge_shapes(vocab, width, ids):
 
 def test_without_a_compiler_the_native_tests_skip_and_the_fallback_is_tested(tmp_path):
     # A fresh process on a machine without one: no CXX, no compiler on PATH, an empty cache.
-    env = {k: v for k, v in os.environ.items() if k not in ("CXX", REQUIRE, native.ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", REQUIRE, env.NATIVE)}
     (tmp_path / "bin").mkdir()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env.update(PATH=str(tmp_path / "bin"), O2V_CACHE_DIR=str(tmp_path / "cache"),
