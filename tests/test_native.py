@@ -219,15 +219,15 @@ def test_set_rows_edge_shapes(vocab, width, ids):
 
 def test_without_a_compiler_the_native_tests_skip_and_the_fallback_is_tested(tmp_path):
     # A fresh process on a machine without one: no CXX, no compiler on PATH, an empty cache.
-    env = {k: v for k, v in os.environ.items() if k not in ("CXX", REQUIRE, env.NATIVE)}
+    child = {k: v for k, v in os.environ.items() if k not in ("CXX", REQUIRE, env.NATIVE)}
     (tmp_path / "bin").mkdir()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env.update(PATH=str(tmp_path / "bin"), O2V_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
+    child.update(PATH=str(tmp_path / "bin"), O2V_CACHE_DIR=str(tmp_path / "cache"),
+                 PYTHONPATH=os.pathsep.join(filter(None, [root, child.get("PYTHONPATH")])))
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__,
          "-k", "built_here or equals_xla_scatter"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        cwd=root, env=child, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed, 1 skipped" in done.stdout, done.stdout
     assert f": {NO_COMPILER}\n" in done.stdout, done.stdout
