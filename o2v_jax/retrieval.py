@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import search
+from o2v_jax import search
 
 CUTOFF = 10  # deepest position any metric reads (hits@10, nDCG@10); MRR reads p_1 exactly
 HITS_AT = (1, 5, 10)
