@@ -1,4 +1,4 @@
-"""Run every benchmark with modest sizes and print one summary (``just bench``).
+"""Run every benchmark with modest sizes and print one summary (``./just bench``).
 
 Each bench script runs in its own process (so one's threads and memory never slow the
 next) with ``--quick`` unless ``--full`` is given, writes its JSON next to the others,

