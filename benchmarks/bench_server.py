@@ -127,12 +127,12 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     got = np.array([p["embeddings"] for p in json.loads(post(conn, body))["predictions"]],
                    np.float32)
     want = predictor.embed(seqs)
-    from o2v_jax import wire
+    from o2v_jax import media, wire
 
-    npy = np.load(io.BytesIO(post(conn, body, wire.NPY)), allow_pickle=False)
+    npy = np.load(io.BytesIO(post(conn, body, media.NPY)), allow_pickle=False)
     arr = padded(seqs)
     npz = npz_of(arr)
-    binary = np.load(io.BytesIO(post(conn, npz, wire.NPY, wire.NPZ)), allow_pickle=False)
+    binary = np.load(io.BytesIO(post(conn, npz, media.NPY, media.NPZ)), allow_pickle=False)
     err = max(float(np.abs(x - want).max()) for x in (got, npy, binary))
     if not err < 1e-5:
         raise SystemExit(f"bench_server: HTTP and in-process embeddings differ by {err}")
@@ -142,8 +142,8 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     values = predictor.embed(seqs)
     times = common.interleaved({
         "http": lambda: post(conn, body),
-        "http, Accept .npy": lambda: post(conn, body, wire.NPY),
-        "http, .npz in, .npy out": lambda: post(conn, npz, wire.NPY, wire.NPZ),
+        "http, Accept .npy": lambda: post(conn, body, media.NPY),
+        "http, .npz in, .npy out": lambda: post(conn, npz, media.NPY, media.NPZ),
         "in-process embed()": lambda: predictor.embed(seqs),
         "in-process embed(array)": lambda: predictor.embed(arr),
         "in-process respond()": lambda: respond(body, "application/json", "application/json", predictor),
@@ -169,10 +169,10 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     print(f"  HTTP vs in-process embed(): {overhead:+.0%} time per request (records/s through "
           f"HTTP = {rates['http'] / rates['in-process embed()']:.2f}x); vs in-process respond() "
           f"(same JSON decode/encode, no sockets): {transport:+.0%}")
-    print(f"  HTTP with Accept: {wire.NPY} (o2v-jax's extension, not SageMaker's) vs "
+    print(f"  HTTP with Accept: {media.NPY} (o2v-jax's extension, not SageMaker's) vs "
           f"in-process embed(): {overhead_npy:+.0%}")
-    print(f"  HTTP with a {wire.NPZ} request ({len(npz) / 1e6:.2f} MB, the same ids 0-padded) and "
-          f"{wire.NPY} response (o2v-jax's extensions): {overhead_npz:+.0%} vs in-process embed() "
+    print(f"  HTTP with a {media.NPZ} request ({len(npz) / 1e6:.2f} MB, the same ids 0-padded) and "
+          f"{media.NPY} response (o2v-jax's extensions): {overhead_npz:+.0%} vs in-process embed() "
           f"from lists, {overhead_npz_array:+.0%} vs embed() from the same padded array")
     return {"records_per_request": n, "request_bytes": len(body), "response_bytes": response_bytes,
             "seconds": med, "records_per_second": rates, "overhead_vs_embed": overhead,

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import msgspec
 import numpy as np
 
-from o2v_jax import env, wire
+from o2v_jax import env, media, wire
 from o2v_jax.batcher import Answer, Batcher
 from o2v_jax.env import BATCH_STRATEGIES, MAX_PAYLOAD_MB, PREFERRED_MODES
 
@@ -175,13 +175,13 @@ def respond(body: bytes, content_type: str | None, accept: str | None, predictor
         (response body, response media type).
 
     Raises:
-        wire.WireError: a request the wire layer rejects; ``.status`` is the HTTP
+        media.WireError: a request the wire layer rejects; ``.status`` is the HTTP
             status (400, 406, 413, 415) for the server to answer with.
     """
     request = decode(body, content_type, predictor, max_bytes=max_bytes, first_line=first_line)
-    media = wire.negotiate(accept, request.media_type)  # 406 before any model work
+    response_type = media.negotiate(accept, request.media_type)  # 406 before any model work
     values = answer(request) if answer is not None else compute(predictor, request)
-    return wire.encode_response(request.mode, values, media), media
+    return wire.encode_response(request.mode, values, response_type), response_type
 
 
 # --------------------------------------------------------------------------- the application
@@ -193,7 +193,7 @@ class Response(NamedTuple):
     body: bytes
 
 
-_JSON_HEADERS = (("Content-Type", wire.JSON),)
+_JSON_HEADERS = (("Content-Type", media.JSON),)
 
 
 def error_response(status: int, message: str, path: str | None = None,
@@ -300,7 +300,7 @@ class App:
                      f"{self._settings.queue_timeout:g} s; retry later", headers=self._retry)
         try:
             out, media_type = respond(body, content_type, accept, model.predictor, answer=model.answer)
-        except wire.WireError as e:
+        except media.WireError as e:
             return error_response(e.status, e.message, e.path)
         except Exception:
             log.exception("POST /invocations: the predictor failed")

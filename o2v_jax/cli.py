@@ -164,7 +164,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- transform
 
 def _add_transform(sub: argparse._SubParsersAction) -> None:
-    from o2v_jax import wire
+    from o2v_jax import media
     from o2v_jax.env import BATCH_STRATEGIES, batch_strategy
     from o2v_jax.transform import DEFAULT_MAX_PAYLOAD_MB, strategy_name
 
@@ -185,9 +185,9 @@ def _add_transform(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="a directory written by `o2v train`")
     p.add_argument("--input", type=Path, required=True, help="an input file or a directory of them")
     p.add_argument("--output", type=Path, required=True, help="directory for the .out files")
-    p.add_argument("--content-type", default=wire.JSONLINES, metavar="TYPE",
-                   help=f"what a line holds: {wire.JSONLINES} (one instance, default) or "
-                        f"{wire.JSON} (one {{\"instances\": [...]}} request); may carry "
+    p.add_argument("--content-type", default=media.JSONLINES, metavar="TYPE",
+                   help=f"what a line holds: {media.JSONLINES} (one instance, default) or "
+                        f"{media.JSON} (one {{\"instances\": [...]}} request); may carry "
                         f"'; infer_max_seqlens=L0,L1'")
     p.add_argument("--accept", default=None, metavar="TYPE",
                    help="response format per line (default: the content type's own)")

@@ -33,7 +33,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from o2v_jax import __version__, wire
+from o2v_jax import __version__, media, wire
 from o2v_jax.app import GENERIC_500, App, Response, Settings, error_response
 
 log = logging.getLogger("o2v_jax")
@@ -340,7 +340,7 @@ class _HTTPServer(ThreadingHTTPServer):
                     self.settings.max_connections)
         body = error_response(503, f"too many open connections (max {self.settings.max_connections});"
                                    " retry later").body
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {wire.JSON}\r\nContent-Length: "
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {media.JSON}\r\nContent-Length: "
                 f"{len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
         with contextlib.suppress(OSError):
             request.settimeout(0.05)  # short: this blocks the accept loop

@@ -7,7 +7,7 @@ float32 (N, K) array as a .npy file (what the SageMaker Python SDK's NumpyDeseri
 reads). No JSON to parse or print: for clients that already hold arrays.
 
 :mod:`o2v_jax.wire` owns the media types, :class:`~o2v_jax.wire.Request` and
-:class:`~o2v_jax.wire.WireError`, and hands these two formats to this module.
+:class:`~o2v_jax.media.WireError`, and hands these two formats to this module.
 
 API::
 
@@ -29,7 +29,8 @@ import zlib
 import numpy as np
 
 from o2v_jax.ragged import TokenRangeError, check_tokens, unpad
-from o2v_jax.wire import KEYS, NPZ, Request, WireError, range_error
+from o2v_jax.media import NPZ, WireError
+from o2v_jax.wire import KEYS, Request, range_error
 
 MEMBERS = ("in0", "in1", "in0_lengths", "in1_lengths")
 # Compressed members can expand far beyond the body: this bounds the memory one request

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import msgspec
 
-from o2v_jax import app, batcher, wire
+from o2v_jax import app, batcher, media, wire
 from o2v_jax.data import DataError
 from o2v_jax.env import BATCH_STRATEGIES, MAX_PAYLOAD_MB, batch_strategy
 
@@ -48,7 +48,7 @@ _ENCODER = msgspec.json.Encoder()
 _BOM = b"\xef\xbb\xbf"
 # A small valid body per request type: decoding it checks a Content-Type (charset,
 # infer_max_seqlens) once before any file is read, so a bad flag is not a "bad line".
-_PROBES = {wire.JSON: b'{"instances": [{"in0": [0]}]}', wire.JSONLINES: b'{"in0": [0]}'}
+_PROBES = {media.JSON: b'{"instances": [{"in0": [0]}]}', media.JSONLINES: b'{"in0": [0]}'}
 
 
 class TransformError(DataError):
@@ -76,8 +76,8 @@ class Settings:
     """Validated transform settings (the request and response formats, batching)."""
 
     content_type: str  # the Content-Type sent with each mini-batch (may carry parameters)
-    request_type: str  # wire.JSON or wire.JSONLINES
-    response_type: str  # wire.JSON or wire.JSONLINES
+    request_type: str  # media.JSON or media.JSONLINES
+    response_type: str  # media.JSON or media.JSONLINES
     strategy: str  # env.BATCH_STRATEGIES: MULTI_RECORD | SINGLE_RECORD
     max_payload: int  # bytes per mini-batch
     skip_bad_lines: bool
@@ -89,7 +89,7 @@ def strategy_name(strategy: str) -> str:
     return strategy.title().replace("_", "")
 
 
-def settings(predictor, *, content_type: str = wire.JSONLINES, accept: str | None = None,
+def settings(predictor, *, content_type: str = media.JSONLINES, accept: str | None = None,
              strategy: str = "MultiRecord", max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB,
              skip_bad_lines: bool = False) -> Settings:
     """Check the transform options once, before any file is read.
@@ -107,24 +107,24 @@ def settings(predictor, *, content_type: str = wire.JSONLINES, accept: str | Non
         raise TransformError(f"max payload {max_payload_mb} MB is invalid; expected a number in "
                              f"(0, {MAX_PAYLOAD_MB:g}] (SageMaker's MaxPayloadInMB)")
     try:
-        media = wire.parse_media_type(content_type)[0]
-        request_type = wire.JSONLINES if media in wire.JSONLINES_ALIASES else media
+        given = media.parse_media_type(content_type)[0]
+        request_type = media.JSONLINES if given in media.JSONLINES_ALIASES else given
         probe = _PROBES.get(request_type)
         if probe is None:
-            raise wire.WireError(415, f"unsupported content type {media!r}; use {wire.JSONLINES} "
-                                      f"(one instance per line) or {wire.JSON}")
+            raise media.WireError(415, f"unsupported content type {given!r}; use {media.JSONLINES} "
+                                       f"(one instance per line) or {media.JSON}")
         app.decode(probe, content_type, predictor)
-        response_type = wire.negotiate(accept, request_type)
-    except wire.WireError as e:
+        response_type = media.negotiate(accept, request_type)
+    except media.WireError as e:
         raise TransformError(str(e)) from None
-    if response_type == wire.NPY:
+    if response_type == media.NPY:
         raise TransformError(
-            f"--accept {wire.NPY} is for one response per request (o2v serve, "
+            f"--accept {media.NPY} is for one response per request (o2v serve, "
             f"o2v_jax.app.respond); batch transform writes one JSON line per input line: use "
-            f"{wire.JSONLINES} or {wire.JSON}")
-    if request_type == wire.JSON and response_type == wire.JSONLINES:
+            f"{media.JSONLINES} or {media.JSON}")
+    if request_type == media.JSON and response_type == media.JSONLINES:
         raise TransformError(
-            f"--accept {wire.JSONLINES} needs --content-type {wire.JSONLINES}: with {wire.JSON} "
+            f"--accept {media.JSONLINES} needs --content-type {media.JSONLINES}: with {media.JSON} "
             f"input a line holds several instances, and its answer must stay one line "
             f"({{\"predictions\": [...]}})")
     return Settings(content_type, request_type, response_type, chosen,
@@ -134,7 +134,7 @@ def settings(predictor, *, content_type: str = wire.JSONLINES, accept: str | Non
 # --------------------------------------------------------------------------- one file
 
 def transform_file(predictor, input_path: str | Path, output_path: str | Path, *,
-                   content_type: str = wire.JSONLINES, accept: str | None = None,
+                   content_type: str = media.JSONLINES, accept: str | None = None,
                    strategy: str = "MultiRecord", max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB,
                    skip_bad_lines: bool = False, progress=None,
                    options: Settings | None = None) -> TransformStats:
@@ -206,17 +206,17 @@ def _answer(predictor, path: Path, first: int, lines: list[bytes], opts: Setting
             stats: TransformStats) -> list[bytes]:
     """Output lines (no newlines) for one mini-batch of input lines."""
     out = [b""] * len(lines)  # blank input lines stay blank
-    if opts.request_type == wire.JSONLINES and max(map(len, lines)) <= opts.max_payload:
+    if opts.request_type == media.JSONLINES and max(map(len, lines)) <= opts.max_payload:
         # Fast path: the whole mini-batch as one request, as SageMaker would send it,
         # answered as JSON Lines: one record per non-blank input line.
         try:
-            body, _ = app.respond(b"".join(lines), opts.content_type, wire.JSONLINES, predictor,
+            body, _ = app.respond(b"".join(lines), opts.content_type, media.JSONLINES, predictor,
                                   first_line=first)
-        except wire.WireError:
+        except media.WireError:
             pass  # find the bad line(s) (or mixed modes) one line at a time, below
         else:
             records = body.split(b"\n")[:-1]
-            if opts.response_type == wire.JSON:  # the bytes encode_response(mode, row, JSON) gives
+            if opts.response_type == media.JSON:  # the bytes encode_response(mode, row, JSON) gives
                 records = [b'{"predictions":[' + r + b"]}" for r in records]
             filled = [i for i, line in enumerate(lines) if line.strip()]
             for i, record in zip(filled, records):
@@ -231,10 +231,10 @@ def _answer(predictor, path: Path, first: int, lines: list[bytes], opts: Setting
         number = first + i
         try:
             if len(line) > opts.max_payload:
-                raise wire.WireError(413, f"line is {len(line)} bytes, more than the max payload "
+                raise media.WireError(413, f"line is {len(line)} bytes, more than the max payload "
                                           f"of {opts.max_payload} bytes")
             request = app.decode(line, opts.content_type, predictor, first_line=number)
-        except wire.WireError as e:
+        except media.WireError as e:
             if not opts.skip_bad_lines:
                 raise TransformError(f"{path}:{number}: {e}") from None
             out[i] = _ENCODER.encode({"error": str(e), "line": number})

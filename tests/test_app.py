@@ -22,7 +22,7 @@ from conftest import tiny_hp
 from fake_model import EMBED, HANG, PAIRS, FakePredictor, assert_values, expected_values, wait_until
 
 from o2v_jax import app as app_module
-from o2v_jax import wire
+from o2v_jax import media, wire
 from o2v_jax.app import App, Settings, compute, resolve_settings, respond
 from o2v_jax.batcher import Batcher
 from o2v_jax.cli import build_parser
@@ -36,8 +36,8 @@ def settings(**overrides) -> Settings:
     return Settings(model_dir=Path("unused"), port=0, **{"batching": False, **overrides})
 
 
-def body_of(records: list[dict], media: str) -> bytes:
-    if media == wire.JSON:
+def body_of(records: list[dict], media_type: str) -> bytes:
+    if media_type == media.JSON:
         return json.dumps({"instances": records}).encode()
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
@@ -45,18 +45,18 @@ def body_of(records: list[dict], media: str) -> bytes:
 # --------------------------------------------------------------------------- respond
 
 
-@pytest.mark.parametrize("media", [wire.JSON, wire.JSONLINES])
-@pytest.mark.parametrize("accept", [None, wire.JSON, wire.JSONLINES, wire.NPY])
+@pytest.mark.parametrize("media_type", [media.JSON, media.JSONLINES])
+@pytest.mark.parametrize("accept", [None, media.JSON, media.JSONLINES, media.NPY])
 @pytest.mark.parametrize("records", [PAIRS, EMBED], ids=["scores", "embeddings"])
-def test_respond_decodes_computes_and_encodes_every_format(media, accept, records):
+def test_respond_decodes_computes_and_encodes_every_format(media_type, accept, records):
     fake = FakePredictor()
-    out, media_type = respond(body_of(records, media), media, accept, fake)
-    assert media_type == (accept or media)
+    out, media_type = respond(body_of(records, media_type), media_type, accept, fake)
+    assert media_type == (accept or media_type)
     want = expected_values(records)
     key = "scores" if len(records[0]) == 2 else "embeddings"
-    if media_type == wire.NPY:
-        assert out == wire.encode_response(key, want, wire.NPY)
-    elif media_type == wire.JSON:
+    if media_type == media.NPY:
+        assert out == wire.encode_response(key, want, media.NPY)
+    elif media_type == media.JSON:
         assert_values([p[key] for p in json.loads(out)["predictions"]], records)
     else:
         assert_values([json.loads(line)[key] for line in out.splitlines()], records)
@@ -71,22 +71,22 @@ def test_respond_uses_the_answer_it_is_given_and_checks_limits_first():
         seen.append(request)
         return compute(fake, request)
 
-    out, _ = respond(body_of(EMBED, wire.JSON), None, None, fake, answer=answer)
+    out, _ = respond(body_of(EMBED, media.JSON), None, None, fake, answer=answer)
     assert len(seen) == 1 and seen[0].encoder == "in1" and len(fake.calls) == 1
     assert_values([p["embeddings"] for p in json.loads(out)["predictions"]], EMBED)
     # Wire errors come out before any model work: a bad id (400), an Accept nothing
     # satisfies (406), a body over max_bytes (413), an unknown Content-Type (415).
     for body, ctype, accept, kw, status in [
-            (b'{"in0": [1, 40]}', wire.JSONLINES, None, {}, 400),
-            (body_of(EMBED, wire.JSON), wire.JSON, "text/csv", {}, 406),
-            (b'{"in0": [1, 2, 3]}', wire.JSONLINES, None, {"max_bytes": 10}, 413),
+            (b'{"in0": [1, 40]}', media.JSONLINES, None, {}, 400),
+            (body_of(EMBED, media.JSON), media.JSON, "text/csv", {}, 406),
+            (b'{"in0": [1, 2, 3]}', media.JSONLINES, None, {"max_bytes": 10}, 413),
             (b'{"in0": [1]}', "text/plain", None, {}, 415)]:
-        with pytest.raises(wire.WireError) as e:
+        with pytest.raises(media.WireError) as e:
             respond(body, ctype, accept, fake, answer=answer, **kw)
         assert e.value.status == status
     assert len(seen) == 1 and len(fake.calls) == 1
-    with pytest.raises(wire.WireError) as e:
-        respond(b'{"in0": [1]}\n{"in0": [99]}\n', wire.JSONLINES, None, fake, first_line=7)
+    with pytest.raises(media.WireError) as e:
+        respond(b'{"in0": [1]}\n{"in0": [99]}\n', media.JSONLINES, None, fake, first_line=7)
     assert e.value.path == "$[line 8].in0[0]"
 
 
@@ -133,15 +133,15 @@ def test_respond_answers_the_seed_examples_byte_for_byte():
     # Lengths 20, 19, 4: vectors 0, 1, 0. The bytes are pinned: any change to decoding,
     # negotiation or float printing on the page's payloads fails here.
     model = SeedModel()
-    body, media = respond(SEED_JSON, "application/json", None, model)
-    assert media == wire.JSON
+    body, media_type = respond(SEED_JSON, "application/json", None, model)
+    assert media_type == media.JSON
     assert body == b'{"predictions":[' + b",".join([SEED_RECORDS[0], SEED_RECORDS[1], SEED_RECORDS[0]]) + b"]}"
-    body, media = respond(SEED_JSONLINES, "application/jsonlines", None, model)
-    assert media == wire.JSONLINES
+    body, media_type = respond(SEED_JSONLINES, "application/jsonlines", None, model)
+    assert media_type == media.JSONLINES
     assert body == b"".join(r + b"\n" for r in (SEED_RECORDS[0], SEED_RECORDS[1], SEED_RECORDS[0]))
     assert model.seen == [("in0", SEED_SEQUENCES)] * 2
-    body, media = respond(SEED_JSON, "application/json", "application/x-npy", model)
-    assert media == wire.NPY and body == wire.encode_response("embeddings", SEED_VECTORS[[0, 1, 0]], wire.NPY)
+    body, media_type = respond(SEED_JSON, "application/json", "application/x-npy", model)
+    assert media_type == media.NPY and body == wire.encode_response("embeddings", SEED_VECTORS[[0, 1, 0]], media.NPY)
 
 
 # --------------------------------------------------------------------------- the app
@@ -328,31 +328,31 @@ def test_respond_with_a_predictor_every_mode_and_content_type(predictor):
     for case, (instances, want) in cases.items():
         mode = "scores" if case == "scores" else "embeddings"
         record = wire.Scores if mode == "scores" else wire.Embeddings
-        for media in (wire.JSON, wire.JSONLINES):
-            for accept in (None, wire.JSON, wire.JSONLINES):
-                out, media_type = respond(body_of(instances, media), media, accept, predictor)
-                assert media_type == (accept or media)
-                if media_type == wire.JSON:
+        for sent in (media.JSON, media.JSONLINES):
+            for accept in (None, media.JSON, media.JSONLINES):
+                out, media_type = respond(body_of(instances, sent), sent, accept, predictor)
+                assert media_type == (accept or sent)
+                if media_type == media.JSON:
                     typ = wire.ScoresResponse if mode == "scores" else wire.EmbeddingsResponse
                     rows = msgspec.json.decode(out, type=typ).predictions
                 else:
                     rows = [msgspec.json.decode(x, type=record) for x in out.splitlines()]
                 got = np.array([getattr(r, mode) for r in rows], np.float32)
-                np.testing.assert_allclose(got, want, atol=ATOL, err_msg=f"{case} {media} {accept}")
+                np.testing.assert_allclose(got, want, atol=ATOL, err_msg=f"{case} {sent} {accept}")
     # The server's path (a Batcher in front of compute) gives the same bytes.
-    body = body_of(cases["scores"][0], wire.JSON)
+    body = body_of(cases["scores"][0], media.JSON)
     batched = Batcher(functools.partial(compute, predictor)).answer
     assert respond(body, None, None, predictor, answer=batched) == respond(body, None, None, predictor)
 
 
 def test_respond_with_a_predictor_lets_wire_errors_through(predictor):
-    with pytest.raises(wire.WireError) as e:
-        respond(b'{"in0": [1, 40]}', wire.JSONLINES, None, predictor)
+    with pytest.raises(media.WireError) as e:
+        respond(b'{"in0": [1, 40]}', media.JSONLINES, None, predictor)
     assert e.value.status == 400 and e.value.path == "$[line 1].in0[1]"
-    with pytest.raises(wire.WireError) as e:
-        respond(b'{"instances": [{"in0": [1]}]}', wire.JSON, "text/csv", predictor)
+    with pytest.raises(media.WireError) as e:
+        respond(b'{"instances": [{"in0": [1]}]}', media.JSON, "text/csv", predictor)
     assert e.value.status == 406
-    with pytest.raises(wire.WireError) as e:
+    with pytest.raises(media.WireError) as e:
         respond(b'{"in0": [1]}', "text/plain", None, predictor)
     assert e.value.status == 415
 
@@ -365,11 +365,11 @@ def test_respond_with_a_predictor_answers_the_seed_examples(tmp_path):
                                enc_dim=16, bucket_width=0)
     p = load(model_dir, **SMALL)
     want = p.embed(SEED_SEQUENCES)
-    body, media = respond(SEED_JSON, "application/json", None, p)
-    assert media == wire.JSON
+    body, media_type = respond(SEED_JSON, "application/json", None, p)
+    assert media_type == media.JSON
     got = msgspec.json.decode(body, type=wire.EmbeddingsResponse).predictions
     assert len(got) == 3 and all(len(r.embeddings) == 16 for r in got)
     np.testing.assert_allclose([r.embeddings for r in got], want, atol=ATOL)
-    body, media = respond(SEED_JSONLINES, "application/jsonlines", None, p)
-    assert media == wire.JSONLINES and body.count(b"\n") == 3
+    body, media_type = respond(SEED_JSONLINES, "application/jsonlines", None, p)
+    assert media_type == media.JSONLINES and body.count(b"\n") == 3
     assert body == wire.encode_lines("embeddings", want)

@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from o2v_jax import npz, wire
+from o2v_jax import media, npz, wire
 from o2v_jax.wire import JSON, WireError
 
 LIMITS = {"vocab_sizes": (50, 40), "max_seq_lens": (8, 6)}
@@ -21,7 +21,7 @@ CASES = {
 }
 
 
-def decode(body: bytes, content_type: str | None = wire.NPZ, **kw) -> wire.Request:
+def decode(body: bytes, content_type: str | None = media.NPZ, **kw) -> wire.Request:
     return wire.decode_request(body, content_type, **{**LIMITS, **kw})
 
 
@@ -35,7 +35,7 @@ def test_npy_responses_are_the_float32_array_bit_for_bit():
     x = rng.standard_normal((5, 7)).astype(np.float32)
     x[1, 2] = np.nan
     for mode in ("scores", "embeddings"):
-        body = wire.encode_response(mode, x, wire.NPY)
+        body = wire.encode_response(mode, x, media.NPY)
         back = np.load(io.BytesIO(body), allow_pickle=False)
         assert back.dtype == np.float32 and back.shape == (5, 7)
         np.testing.assert_array_equal(back.view(np.uint32), x.view(np.uint32))
@@ -43,7 +43,7 @@ def test_npy_responses_are_the_float32_array_bit_for_bit():
         saved = io.BytesIO()
         np.save(saved, x)
         assert body == saved.getvalue()  # byte for byte what numpy.save writes
-    empty = wire.encode_response("embeddings", np.zeros((0, 4), np.float32), wire.NPY)
+    empty = wire.encode_response("embeddings", np.zeros((0, 4), np.float32), media.NPY)
     assert np.load(io.BytesIO(empty)).shape == (0, 4) and npz.npy_rows(empty) == 0
     with pytest.raises(WireError) as e:
         wire.encode_response("embeddings", x, "application/x-npz")
@@ -75,8 +75,8 @@ def test_npz_requests_decode_like_the_same_json_request(case, compressed):
     want = decode(json.dumps({"instances": instances}).encode(), JSON)
     arrays = {k: padded([i[k] for i in instances], width=7) for k in ("in0", "in1")
               if k in instances[0]}
-    req = decode(archive(compressed, **arrays), wire.NPZ)
-    assert (req.mode, req.encoder, req.media_type) == (want.mode, want.encoder, wire.NPZ)
+    req = decode(archive(compressed, **arrays), media.NPZ)
+    assert (req.mode, req.encoder, req.media_type) == (want.mode, want.encoder, media.NPZ)
     for side in ("in0", "in1"):
         got, exp = getattr(req, side), getattr(want, side)
         assert (got is None) == (exp is None)
@@ -91,22 +91,22 @@ def test_npz_accepts_any_integer_dtype_byte_order_and_fortran_layout(dtype):
     seqs = [[3, 0, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]  # interior 0 kept; 10 ids > L0 = 8
     arr = padded(seqs, dtype=dtype)
     for a in (arr, np.asfortranarray(arr)):
-        req = decode(archive(in0=a), wire.NPZ)
+        req = decode(archive(in0=a), media.NPZ)
         assert req.in0.to_lists() == [[3, 0, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8]]
         assert req.truncated == (1, 0)
 
 
 def test_npz_rows_of_zeros_or_no_columns_are_empty_sequences():
     # As an empty JSON list: allowed, embeds as an all-padding row.
-    assert decode(archive(in0=np.zeros((2, 3), int)), wire.NPZ).in0.to_lists() == [[], []]
-    assert decode(archive(in1=np.zeros((2, 0), int)), wire.NPZ).in1.to_lists() == [[], []]
+    assert decode(archive(in0=np.zeros((2, 3), int)), media.NPZ).in0.to_lists() == [[], []]
+    assert decode(archive(in1=np.zeros((2, 0), int)), media.NPZ).in1.to_lists() == [[], []]
 
 
 def test_npz_lengths_members_keep_trailing_zeros_and_caps_apply():
     arr = np.array([[4, 0, 0, 9], [5, 6, 0, 0]], np.int64)
-    req = decode(archive(in0=arr, in0_lengths=np.array([2, 3])), wire.NPZ)
+    req = decode(archive(in0=arr, in0_lengths=np.array([2, 3])), media.NPZ)
     assert req.in0.to_lists() == [[4, 0], [5, 6, 0]]
-    req = decode(archive(in0=arr, in1=arr), f"{wire.NPZ}; infer_max_seqlens=1,3")
+    req = decode(archive(in0=arr, in1=arr), f"{media.NPZ}; infer_max_seqlens=1,3")
     assert req.mode == "scores" and req.seq_lens == (1, 3) and req.truncated == (2, 1)
     assert req.in0.to_lists() == [[4], [5]] and req.in1.to_lists() == [[4, 0, 0], [5, 6]]
 
@@ -171,7 +171,7 @@ NPZ_ERRORS = [
                          ids=[e[0] for e in NPZ_ERRORS])  # fmt: skip
 def test_npz_errors_name_the_member_row_and_column(body, status, path, fragment):
     with pytest.raises(WireError) as e:
-        decode(body, wire.NPZ)
+        decode(body, media.NPZ)
     assert (e.value.status, e.value.path) == (status, path)
     assert fragment in e.value.message
 
@@ -195,7 +195,7 @@ def test_npz_mutated_bodies_get_a_wire_error_never_another_exception():
             else:
                 del body[at:at + int(rng.integers(1, 50))]
         try:
-            decode(bytes(body), wire.NPZ)
+            decode(bytes(body), media.NPZ)
             statuses.add(200)
         except WireError as e:
             statuses.add(e.status)
@@ -206,7 +206,7 @@ def test_npz_corrupt_data_fails_its_checksum():
     body = bytearray(archive(in0=np.arange(1, 41).reshape(4, 10)))
     body[200] ^= 0xFF  # inside the member's data
     with pytest.raises(WireError) as e:
-        decode(bytes(body), wire.NPZ)
+        decode(bytes(body), media.NPZ)
     assert (e.value.status, e.value.path) == (400, "$.in0") and "CRC" in e.value.message
 
 
@@ -215,10 +215,10 @@ def test_npz_members_that_expand_too_far_are_413(monkeypatch):
     assert len(body) < 10_000
     monkeypatch.setattr(npz, "MAX_EXPANDED_BYTES", 100_000)
     with pytest.raises(WireError) as e:
-        decode(body, wire.NPZ, vocab_sizes=(50, 40), max_seq_lens=(100, 100))
+        decode(body, media.NPZ, vocab_sizes=(50, 40), max_seq_lens=(100, 100))
     assert e.value.status == 413 and "expand to more than 100000 bytes" in e.value.message
     monkeypatch.setattr(npz, "MAX_EXPANDED_BYTES", 1_000_000)
-    assert len(decode(body, wire.NPZ, max_seq_lens=(100, 100))) == 1000
+    assert len(decode(body, media.NPZ, max_seq_lens=(100, 100))) == 1000
 
 
 def _zeros_npz(**shapes: tuple[int, int]) -> bytes:
@@ -252,7 +252,7 @@ def test_npz_members_expanding_past_64_mib_are_413_before_they_are_inflated(shap
     tracemalloc.start()
     try:
         with pytest.raises(WireError) as e:
-            decode(body, wire.NPZ, vocab_sizes=(50, 50), max_seq_lens=(1024, 1024))
+            decode(body, media.NPZ, vocab_sizes=(50, 50), max_seq_lens=(1024, 1024))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

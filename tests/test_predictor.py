@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_hp, train_tiny_model
 
 import o2v_jax
-from o2v_jax import checkpoint, wire
+from o2v_jax import checkpoint, media
 from o2v_jax.app import respond
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.ragged import Ragged
@@ -113,7 +113,7 @@ def test_no_compilation_after_warmup(model_dir):
             p.embed(seqs, encoder="in1")
             p.predict(seqs, others)
         p.embed(padded(random_seqs(rng, 5), 12))
-        respond(b'{"in0": [1, 2], "in1": [3]}\n', wire.JSONLINES, wire.JSON, p)
+        respond(b'{"in0": [1, 2], "in1": [3]}\n', media.JSONLINES, media.JSON, p)
     assert events == []
     assert p.num_compiled == len(p.executable_keys())
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import train_tiny_model
 
-from o2v_jax import wire
+from o2v_jax import media, wire
 from o2v_jax.app import respond
 from o2v_jax.cli import main
 from o2v_jax.predictor import load
@@ -147,30 +147,30 @@ def test_json_requests_one_per_line(predictor, tmp_path):
             {"instances": [{"in0": [4], "in1": [5, 6]}]},
             {"instances": [{"in0": [7, 8, 9]}]}]
     src = write_lines(tmp_path / "docs.json", [json.dumps(d) for d in docs])
-    stats = transform_file(predictor, src, tmp_path / "docs.out", content_type=wire.JSON,
+    stats = transform_file(predictor, src, tmp_path / "docs.out", content_type=media.JSON,
                            max_payload_mb=TINY_PAYLOAD_MB)
     out = read_out(tmp_path / "docs.out")
     assert len(out) == 3 and stats.records == 4
     for line, doc in zip(out, docs):
-        assert line.encode() == respond(json.dumps(doc).encode(), wire.JSON, None, predictor)[0]
+        assert line.encode() == respond(json.dumps(doc).encode(), media.JSON, None, predictor)[0]
 
 
 def test_accept_json_wraps_each_line(predictor, tmp_path):
     records = pairs(5)
     src = write_lines(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
-    transform_file(predictor, src, tmp_path / "p.out", accept=wire.JSON)
+    transform_file(predictor, src, tmp_path / "p.out", accept=media.JSON)
     want = predictor.predict([r["in0"] for r in records], [r["in1"] for r in records])
     for i, line in enumerate(read_out(tmp_path / "p.out")):
-        assert line.encode() == wire.encode_response("scores", want[i:i + 1], wire.JSON)
+        assert line.encode() == wire.encode_response("scores", want[i:i + 1], media.JSON)
 
 
 @pytest.mark.parametrize("options, message", [
     ({"strategy": "Batch"}, "strategy 'Batch' is invalid; expected one of MultiRecord, SingleRecord"),
     ({"content_type": "text/csv"}, "unsupported content type 'text/csv'"),
-    ({"content_type": wire.NPZ}, "unsupported content type 'application/x-npz'"),  # serve only
-    ({"content_type": wire.JSON, "accept": wire.JSONLINES}, "needs --content-type"),
+    ({"content_type": media.NPZ}, "unsupported content type 'application/x-npz'"),  # serve only
+    ({"content_type": media.JSON, "accept": media.JSONLINES}, "needs --content-type"),
     ({"accept": "text/csv"}, "allows no type"),
-    ({"accept": wire.NPY}, "one JSON line per input line"),
+    ({"accept": media.NPY}, "one JSON line per input line"),
     ({"max_payload_mb": 0}, "max payload 0 MB is invalid"),
     ({"content_type": "application/jsonlines; infer_max_seqlens=0,3"}, "infer_max_seqlens"),
 ])

@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from o2v_jax import wire
+from o2v_jax import media, wire
 from o2v_jax.wire import JSON, JSONLINES, WireError
 
 LIMITS = {"vocab_sizes": (50, 40), "max_seq_lens": (8, 6)}
@@ -39,8 +39,8 @@ SEED_JSONLINES_RESPONSE = (
 SEED_LIMITS = {"vocab_sizes": (20000, 20000), "max_seq_lens": (100, 100)}
 
 
-def body_for(instances: list[dict], media: str) -> bytes:
-    if media == JSON:
+def body_for(instances: list[dict], media_type: str) -> bytes:
+    if media_type == JSON:
         return json.dumps({"instances": instances}).encode()
     return "".join(json.dumps(i) + "\n" for i in instances).encode()
 
@@ -49,10 +49,10 @@ def decode(body: bytes, content_type: str | None = JSON, **kw) -> wire.Request:
     return wire.decode_request(body, content_type, **{**LIMITS, **kw})
 
 
-def response_records(body: bytes, media: str, mode: str) -> list[list[float]]:
+def response_records(body: bytes, media_type: str, mode: str) -> list[list[float]]:
     """Decode a response with the typed response Structs (strict: unknown keys fail)."""
     record = wire.Scores if mode == "scores" else wire.Embeddings
-    if media == JSON:
+    if media_type == JSON:
         typ = wire.ScoresResponse if mode == "scores" else wire.EmbeddingsResponse
         records = msgspec.json.decode(body, type=typ, strict=True).predictions
     else:
@@ -70,12 +70,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("media", [JSON, JSONLINES])
+@pytest.mark.parametrize("media_type", [JSON, JSONLINES])
 @pytest.mark.parametrize("case", list(CASES))
-def test_round_trip_every_mode_and_content_type(case, media):
+def test_round_trip_every_mode_and_content_type(case, media_type):
     instances = CASES[case]
-    req = decode(body_for(instances, media), media)
-    assert req.media_type == media
+    req = decode(body_for(instances, media_type), media_type)
+    assert req.media_type == media_type
     assert len(req) == len(instances)
     if case == "scores":
         assert (req.mode, req.encoder) == ("scores", None)
@@ -91,8 +91,8 @@ def test_round_trip_every_mode_and_content_type(case, media):
     mode = req.mode
     width = 3 if mode == "scores" else 16
     values = np.random.default_rng(0).random((len(instances), width), dtype=np.float32)
-    out = wire.encode_response(mode, values, wire.negotiate(None, req.media_type))
-    rows = response_records(out, media, mode)
+    out = wire.encode_response(mode, values, media.negotiate(None, req.media_type))
+    rows = response_records(out, media_type, mode)
     np.testing.assert_array_equal(np.array(rows, dtype=np.float32), values)
 
 
@@ -114,12 +114,12 @@ def test_response_shapes_are_the_documented_ones():
 
 
 @pytest.mark.parametrize(
-    ("body", "media"),
+    ("body", "media_type"),
     [(SEED_JSON_REQUEST, JSON), (SEED_JSONLINES_REQUEST, JSONLINES)],
     ids=["json", "jsonlines"],
 )
-def test_seed_requests_decode(body, media):
-    req = wire.decode_request(body, media, **SEED_LIMITS)
+def test_seed_requests_decode(body, media_type):
+    req = wire.decode_request(body, media_type, **SEED_LIMITS)
     assert (req.mode, req.encoder, req.in1) == ("embeddings", "in0", None)
     assert req.in0.to_lists() == SEED_SEQUENCES
 
@@ -135,8 +135,8 @@ def test_seed_jsonlines_as_printed_on_one_line_is_rejected_with_a_hint():
 
 def test_seed_response_shapes_match_ours():
     # The page's responses decode with our strict response types ...
-    for body, media in ((SEED_JSON_RESPONSE, JSON), (SEED_JSONLINES_RESPONSE, JSONLINES)):
-        rows = response_records(body, media, "embeddings")
+    for body, media_type in ((SEED_JSON_RESPONSE, JSON), (SEED_JSONLINES_RESPONSE, JSONLINES)):
+        rows = response_records(body, media_type, "embeddings")
         assert [len(r) for r in rows] == [16, 16]
     # ... and a (3, 16) array encodes to the same shapes, 16 numbers per embedding.
     values = np.random.default_rng(1).random((3, 16), dtype=np.float32)
@@ -290,18 +290,18 @@ def test_missing_content_type_means_json_and_bom_and_charset_are_accepted():
     assert decode(body, "").media_type == JSON
     assert decode(b"\xef\xbb\xbf" + body, "Application/JSON; Charset=UTF-8").in0.to_lists() == [[1]]
     assert decode(b'{"in0": [1]}', 'application/jsonlines; charset="utf8"').media_type == JSONLINES
-    for alias in wire.JSONLINES_ALIASES:
+    for alias in media.JSONLINES_ALIASES:
         assert decode(b'{"in0": [1]}', alias).media_type == JSONLINES
 
 
 def test_parse_media_type():
-    assert wire.parse_media_type('Application/JSONLines ; CHARSET=UTF-8; infer_max_seqlens="10,20"') == (
+    assert media.parse_media_type('Application/JSONLines ; CHARSET=UTF-8; infer_max_seqlens="10,20"') == (
         "application/jsonlines",
         {"charset": "UTF-8", "infer_max_seqlens": "10,20"},
     )
-    assert wire.parse_media_type("application/json;") == ("application/json", {})
+    assert media.parse_media_type("application/json;") == ("application/json", {})
     with pytest.raises(WireError) as e:
-        wire.parse_media_type("application/json; charset")
+        media.parse_media_type("application/json; charset")
     assert e.value.status == 415
 
 
@@ -342,7 +342,7 @@ def test_unsupported_content_type_names_all_three_request_types():
     with pytest.raises(WireError) as e:
         decode(b"1,2", "text/csv")
     assert e.value.status == 415
-    assert f"send {JSON}, {JSONLINES} or {wire.NPZ}" in e.value.message
+    assert f"send {JSON}, {JSONLINES} or {media.NPZ}" in e.value.message
 
 
 # --- Accept negotiation -----------------------------------------------------------------
@@ -372,19 +372,19 @@ NEGOTIATION = [
     ("application/json;q=abc", JSON, 406),  # malformed entries are ignored
     ("application/json;q=abc, application/jsonlines", JSON, JSONLINES),
     # The .npy extension only when named: wildcards keep SageMaker's JSON types.
-    ("application/x-npy", JSON, wire.NPY),
-    ("application/x-npy", JSONLINES, wire.NPY),
-    ("application/json;q=0.5, application/x-npy", JSON, wire.NPY),
+    ("application/x-npy", JSON, media.NPY),
+    ("application/x-npy", JSONLINES, media.NPY),
+    ("application/json;q=0.5, application/x-npy", JSON, media.NPY),
     ("application/x-npy;q=0.5, */*", JSONLINES, JSONLINES),
     ("application/x-npy;q=0", JSON, 406),
     # An .npz request (binary in) answers .npy unless Accept asks for a JSON type.
-    (None, wire.NPZ, wire.NPY),
-    ("*/*", wire.NPZ, wire.NPY),
-    ("application/*", wire.NPZ, wire.NPY),
-    ("application/json", wire.NPZ, JSON),
-    ("application/jsonlines", wire.NPZ, JSONLINES),
-    ("application/json, application/x-npy", wire.NPZ, wire.NPY),  # tie: the binary type
-    ("text/html", wire.NPZ, 406),
+    (None, media.NPZ, media.NPY),
+    ("*/*", media.NPZ, media.NPY),
+    ("application/*", media.NPZ, media.NPY),
+    ("application/json", media.NPZ, JSON),
+    ("application/jsonlines", media.NPZ, JSONLINES),
+    ("application/json, application/x-npy", media.NPZ, media.NPY),  # tie: the binary type
+    ("text/html", media.NPZ, 406),
 ]
 
 
@@ -392,11 +392,11 @@ NEGOTIATION = [
 def test_accept_negotiation(accept, request_type, expected):
     if expected == 406:
         with pytest.raises(WireError) as e:
-            wire.negotiate(accept, request_type)
+            media.negotiate(accept, request_type)
         assert e.value.status == 406
         assert "use application/json, application/jsonlines or application/x-npy" in e.value.message
     else:
-        assert wire.negotiate(accept, request_type) == expected
+        assert media.negotiate(accept, request_type) == expected
 
 
 # --- float printing -------------------------------------------------------------------
@@ -447,11 +447,11 @@ def test_printed_floats_round_trip_exactly_through_float32():
                         _special_floats()])  # fmt: skip
     x = x[np.isfinite(x)]
     x = np.resize(x, (x.size // 16, 16))
-    for media in (JSON, JSONLINES):
-        body = wire.encode_response("embeddings", x, media)
+    for media_type in (JSON, JSONLINES):
+        body = wire.encode_response("embeddings", x, media_type)
         # A JSON parser (msgspec here, the stdlib below) reads doubles; cast to float32
         # they are the same bits that went in.
-        rows = response_records(body, media, "embeddings")
+        rows = response_records(body, media_type, "embeddings")
         back = np.array(rows, dtype=np.float64).astype(np.float32)
         np.testing.assert_array_equal(back.view(np.uint32), x.view(np.uint32))
     doc = json.loads(wire.encode_response("embeddings", x, JSON))
