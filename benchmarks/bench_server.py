@@ -127,26 +127,26 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     got = np.array([p["embeddings"] for p in json.loads(post(conn, body))["predictions"]],
                    np.float32)
     want = predictor.embed(seqs)
-    from o2v_jax import wire
+    from o2v_jax import media, wire
 
-    npy = np.load(io.BytesIO(post(conn, body, wire.NPY)), allow_pickle=False)
+    npy = np.load(io.BytesIO(post(conn, body, media.NPY)), allow_pickle=False)
     arr = padded(seqs)
     npz = npz_of(arr)
-    binary = np.load(io.BytesIO(post(conn, npz, wire.NPY, wire.NPZ)), allow_pickle=False)
+    binary = np.load(io.BytesIO(post(conn, npz, media.NPY, media.NPZ)), allow_pickle=False)
     err = max(float(np.abs(x - want).max()) for x in (got, npy, binary))
     if not err < 1e-5:
         raise SystemExit(f"bench_server: HTTP and in-process embeddings differ by {err}")
 
-    request = wire.decode_request(body, "application/json", vocab_sizes=predictor.vocab_sizes,
-                                  max_seq_lens=predictor.max_seq_lens)
+    from o2v_jax.app import respond
+
     values = predictor.embed(seqs)
     times = common.interleaved({
         "http": lambda: post(conn, body),
-        "http, Accept .npy": lambda: post(conn, body, wire.NPY),
-        "http, .npz in, .npy out": lambda: post(conn, npz, wire.NPY, wire.NPZ),
+        "http, Accept .npy": lambda: post(conn, body, media.NPY),
+        "http, .npz in, .npy out": lambda: post(conn, npz, media.NPY, media.NPZ),
         "in-process embed()": lambda: predictor.embed(seqs),
         "in-process embed(array)": lambda: predictor.embed(arr),
-        "in-process invoke()": lambda: predictor.invoke(body, "application/json", "application/json"),
+        "in-process respond()": lambda: respond(body, "application/json", "application/json", predictor),
         "  of which decode": lambda: wire.decode_request(
             body, "application/json", vocab_sizes=predictor.vocab_sizes,
             max_seq_lens=predictor.max_seq_lens),
@@ -160,26 +160,25 @@ def bulk(port: int, predictor, seqs: list[list[int]], repeat: int) -> dict:
     overhead_npy = med["http, Accept .npy"] / med["in-process embed()"] - 1.0
     overhead_npz = med["http, .npz in, .npy out"] / med["in-process embed()"] - 1.0
     overhead_npz_array = med["http, .npz in, .npy out"] / med["in-process embed(array)"] - 1.0
-    transport = med["http"] / med["in-process invoke()"] - 1.0
+    transport = med["http"] / med["in-process respond()"] - 1.0
     response_bytes = len(wire.encode_response("embeddings", values, "application/json"))
     print(f"\n== (a) {n:,}-record embedding requests ({len(body) / 1e6:.2f} MB request, "
           f"{response_bytes / 1e6:.2f} MB JSON response); max |HTTP - in-process| = {err:.1e}")
     for k, v in med.items():
         print(f"  {k:24s} {v * 1e3:8.1f} ms/request  {common.fmt_rate(n / v):>9} records/s")
     print(f"  HTTP vs in-process embed(): {overhead:+.0%} time per request (records/s through "
-          f"HTTP = {rates['http'] / rates['in-process embed()']:.2f}x); vs in-process invoke() "
+          f"HTTP = {rates['http'] / rates['in-process embed()']:.2f}x); vs in-process respond() "
           f"(same JSON decode/encode, no sockets): {transport:+.0%}")
-    print(f"  HTTP with Accept: {wire.NPY} (o2v-jax's extension, not SageMaker's) vs "
+    print(f"  HTTP with Accept: {media.NPY} (o2v-jax's extension, not SageMaker's) vs "
           f"in-process embed(): {overhead_npy:+.0%}")
-    print(f"  HTTP with a {wire.NPZ} request ({len(npz) / 1e6:.2f} MB, the same ids 0-padded) and "
-          f"{wire.NPY} response (o2v-jax's extensions): {overhead_npz:+.0%} vs in-process embed() "
+    print(f"  HTTP with a {media.NPZ} request ({len(npz) / 1e6:.2f} MB, the same ids 0-padded) and "
+          f"{media.NPY} response (o2v-jax's extensions): {overhead_npz:+.0%} vs in-process embed() "
           f"from lists, {overhead_npz_array:+.0%} vs embed() from the same padded array")
-    del request
     return {"records_per_request": n, "request_bytes": len(body), "response_bytes": response_bytes,
             "seconds": med, "records_per_second": rates, "overhead_vs_embed": overhead,
             "overhead_npy_vs_embed": overhead_npy, "overhead_npz_vs_embed": overhead_npz,
             "overhead_npz_vs_embed_array": overhead_npz_array,
-            "overhead_vs_invoke": transport, "max_abs_diff": err}
+            "overhead_vs_respond": transport, "max_abs_diff": err}
 
 
 def concurrent(port: int, seqs: list[list[int]], clients: int, per_client: int) -> dict:
@@ -286,8 +285,8 @@ def main(argv=None) -> None:
     print("\nsummary:")
     print(f"  (a) 1,000-record requests: {common.fmt_rate(b['records_per_second']['http'])} records/s "
           f"over HTTP vs {common.fmt_rate(b['records_per_second']['in-process embed()'])} in-process "
-          f"embed() (overhead {b['overhead_vs_embed']:+.0%}; {b['overhead_vs_invoke']:+.0%} vs "
-          f"in-process invoke() with the same JSON work)")
+          f"embed() (overhead {b['overhead_vs_embed']:+.0%}; {b['overhead_vs_respond']:+.0%} vs "
+          f"in-process respond() with the same JSON work)")
     print(f"      with .npz in and .npy out (o2v-jax's extensions): "
           f"{common.fmt_rate(b['records_per_second']['http, .npz in, .npy out'])} records/s, overhead "
           f"{b['overhead_npz_vs_embed']:+.0%} vs embed() from lists, "

@@ -19,7 +19,7 @@ import time
 import msgspec
 import numpy as np
 
-from o2v_jax import wire
+from o2v_jax import media, wire
 
 
 def timed(fn, repeat: int) -> tuple[float, float]:
@@ -48,7 +48,7 @@ def main() -> None:
         return "".join('{"embeddings":[' + ",".join(r) + "]}\n" for r in rows).encode()
 
     cases = [
-        ("wire.encode_response json", lambda: wire.encode_response("embeddings", x, wire.JSON)),
+        ("wire.encode_response json", lambda: wire.encode_response("embeddings", x, media.JSON)),
         ("wire.encode_response jsonlines", lambda: wire.encode_lines("embeddings", x)),
         ("baseline: msgspec, float64 (long reprs)", lambda: msgspec.json.encode(x.astype(np.float64).tolist())),
         ("baseline: numpy str + Python join", numpy_str_join),
@@ -64,15 +64,15 @@ def main() -> None:
 
     seqs = [rng.integers(1, 10_000, rng.integers(25, 76)).tolist() for _ in range(args.rows)]
     bodies = {
-        wire.JSON: json.dumps({"instances": [{"in0": s} for s in seqs]}).encode(),
-        wire.JSONLINES: "".join(json.dumps({"in0": s}) + "\n" for s in seqs).encode(),
+        media.JSON: json.dumps({"instances": [{"in0": s} for s in seqs]}).encode(),
+        media.JSONLINES: "".join(json.dumps({"in0": s}) + "\n" for s in seqs).encode(),
     }
     limits = {"vocab_sizes": (10_000, 10_000), "max_seq_lens": (100, 100)}
     print(f"decode {args.rows} instances, {sum(map(len, seqs))} tokens")
-    for media, body in bodies.items():
-        best, median = timed(lambda: wire.decode_request(body, media, **limits), args.repeat)
-        print(f"  decode_request {media:24s} best {best * 1e3:7.2f} ms   median {median * 1e3:7.2f} ms")
-    best, _ = timed(lambda: json.loads(bodies[wire.JSON]), args.repeat)
+    for media_type, body in bodies.items():
+        best, median = timed(lambda: wire.decode_request(body, media_type, **limits), args.repeat)
+        print(f"  decode_request {media_type:24s} best {best * 1e3:7.2f} ms   median {median * 1e3:7.2f} ms")
+    best, _ = timed(lambda: json.loads(bodies[media.JSON]), args.repeat)
     print(f"  baseline: json.loads (no checks)          best {best * 1e3:7.2f} ms")
 
 

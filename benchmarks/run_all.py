@@ -1,4 +1,4 @@
-"""Run every benchmark with modest sizes and print one summary (``just bench``).
+"""Run every benchmark with modest sizes and print one summary (``./just bench``).
 
 Each bench script runs in its own process (so one's threads and memory never slow the
 next) with ``--quick`` unless ``--full`` is given, writes its JSON next to the others,
@@ -59,8 +59,8 @@ def summarize(name: str, doc: dict) -> list[str]:
         b, c = r["bulk"], r["concurrent"]
         lines.append(f"server  1,000-record embedding requests over HTTP   "
                      f"{fmt(b['records_per_second']['http']):>9} records/s  "
-                     f"({b['overhead_vs_embed']:+.0%} vs embed(), {b['overhead_vs_invoke']:+.0%} "
-                     f"vs in-process invoke(); Accept .npy {b['overhead_npy_vs_embed']:+.0%} "
+                     f"({b['overhead_vs_embed']:+.0%} vs embed(), {b['overhead_vs_respond']:+.0%} "
+                     f"vs in-process respond(); Accept .npy {b['overhead_npy_vs_embed']:+.0%} "
                      f"vs embed())")
         lines.append(f"server  the same, .npz request and .npy response       "
                      f"{fmt(b['records_per_second']['http, .npz in, .npy out']):>9} records/s  "
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     unknown = set(names) - set(BENCHES)
     if unknown:
         ap.error(f"unknown benchmarks {sorted(unknown)}; choose from {BENCHES}")
-    if "server" in names and not (HERE.parent / "o2v_jax" / "server.py").exists():
-        print("o2v_jax/server.py does not exist yet: skipping bench_server")
+    if "server" in names and not (HERE.parent / "o2v_jax" / "http.py").exists():
+        print("o2v_jax/http.py does not exist yet: skipping bench_server")
         names.remove("server")
     out = args.out or Path(tempfile.mkdtemp(prefix="o2v-bench-"))
     out.mkdir(parents=True, exist_ok=True)

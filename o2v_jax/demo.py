@@ -24,8 +24,8 @@ both numbers.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -224,7 +224,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
              source: Path | str | None = None, cache_dir: Path | str | None = None,
              epochs: int | None = None, quick: bool = False, seed: int = 0,
              progress: bool | None = None,
-             emit: Callable[[str], None] = print) -> DemoResult:
+             emit: Callable[[str], None] = functools.partial(print, flush=True)) -> DemoResult:
     """Run the MovieLens demo; see the module docstring for what it does and writes.
 
     Args:
@@ -237,7 +237,8 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
         quick: a tiny model (tests, smoke runs).
         seed: training seed.
         progress: tqdm bars: None = when stderr is a terminal.
-        emit: where the printed lines go (metric lines included).
+        emit: where the printed lines go (metric lines included); the default flushes
+            each, so they reach a pipe as written.
     """
     from o2v_jax import load as load_predictor
     from o2v_jax.config import from_hyperparameters
@@ -252,7 +253,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     emit("== MovieLens 100k: data")
     files = prepare_movielens(data_dir, source=source, cache_dir=cache_dir,
-                              progress=progress is not False)
+                              progress=sys.stderr.isatty() if progress is None else progress)
     emit(f"{files.n_ratings:,} ratings from {files.source}; ua split: "
          f"{files.n_train:,} train / {files.n_validation:,} validation (each user's first "
          f"10 ratings), {files.n_users:,} users, {files.n_items:,} movies -> {data_dir}")
@@ -305,7 +306,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     emit("\n== Serving")
     emit(f"  this model:    o2v serve --model-dir {model_dir}   (127.0.0.1:8080)")
-    emit("  shipped model: just serve   (checkpoints/movielens-100k, trained with this preset)")
+    emit("  shipped model: ./just serve (checkpoints/movielens-100k, trained with this preset)")
     emit("  score a pair:  curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
          "application/json' -d '{\"instances\": [{\"in0\": [196], \"in1\": [242]}]}'")
     emit("  embed a movie: curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: "
@@ -365,47 +366,3 @@ def _neighbours(predictor: Predictor, files: MovieLensFiles, items: np.ndarray,
         emit(f"  {name(q)}:")
         emit("      " + "; ".join(f"{name(i)} {s:.2f}" for i, s in zip(row, sims)))
     return neighbours
-
-
-# --------------------------------------------------------------------------- CLI
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `demo` to the `o2v` subcommands; sets `func=run`."""
-    p = subparsers.add_parser(
-        "demo", help="MovieLens 100k end to end: fetch, train, RMSE vs baselines, neighbours",
-        description="The SageMaker Object2Vec MovieLens notebook in minutes on a CPU: fetch "
-                    "MovieLens 100k (cached), train rating regression with the preset "
-                    "o2v_jax/presets/movielens.json, print validation RMSE next to the "
-                    "global-mean and per-user-mean baselines, the nearest movies of a few "
-                    "titles, write learning curves and say how to serve the model.")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                   help=f"output directory: data/, model/, learning_curves.png, demo.json "
-                        f"(default {DEFAULT_OUT})")
-    p.add_argument("--data", type=Path, metavar="DIR",
-                   help="where to write the MovieLens channels (default OUT/data)")
-    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
-                   help="a local u.data, ml-100k.inter, ml-100k.zip or the recbole wheel "
-                        "instead of downloading")
-    p.add_argument("--cache-dir", type=Path, metavar="DIR",
-                   help="o2v-jax cache root for the download (default ~/.cache/o2v-jax)")
-    p.add_argument("--epochs", type=int, metavar="N", help="override the preset's epoch count")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--quick", action="store_true", help="a tiny model, for tests and smoke runs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """`o2v demo`. Returns the exit code."""
-    from o2v_jax.movielens import MovieLensError
-
-    try:
-        run_demo(args.out, data_dir=args.data, source=args.source, cache_dir=args.cache_dir,
-                 epochs=args.epochs, quick=args.quick, seed=args.seed,
-                 progress=False if args.no_progress else None,
-                 emit=lambda line: print(line, flush=True))
-    except MovieLensError as e:
-        print(f"o2v demo: error: {e}", file=sys.stderr)
-        return 1
-    return 0

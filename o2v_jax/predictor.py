@@ -10,7 +10,7 @@
     >>> p.predict([[6, 17]], [[16, 21, 13]]).shape  # softmax probabilities
     (1, 2)
 
-How a call runs: inputs become a :class:`~o2v_jax.data.Ragged` (ids range-checked, sequences
+How a call runs: inputs become a :class:`~o2v_jax.ragged.Ragged` (ids range-checked, sequences
 longer than max_seq_len truncated like training does), are sorted by length and cut into
 batches whose shapes come from two small fixed sets, the model's length ladder
 (``buckets.length_ladder``) and a batch-size ladder (``BATCH_SIZES``, capped so rows * L
@@ -44,11 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from o2v_jax import checkpoint, env, wire
-from o2v_jax.env import DEFAULT_PREFERRED_MODE, PREFERRED_MODES
-from o2v_jax.buckets import length_ladder, pad_sequences
+from o2v_jax import checkpoint
+from o2v_jax.buckets import batch_plan, length_ladder, pad_sequences
 from o2v_jax.config import Config
-from o2v_jax.ragged import Ragged, TokenRangeError, TokenTypeError, check_tokens, flatten, unpad
+from o2v_jax.env import DEFAULT_PREFERRED_MODE, PREFERRED_MODES, resolve_preferred_mode
+from o2v_jax.ragged import Ragged, count_input, from_input, slice_input
 from o2v_jax.model import (ENCODER_GROUPS, HEAD_GROUPS, TABLE_GROUPS, abstract_model,
                            merge_params, side_groups, table_group)
 
@@ -66,21 +66,7 @@ PROJECTION_MAX_BYTES = 256 << 20
 Key = tuple  # ("encode", side, B, L) or ("head", B)
 
 
-# --------------------------------------------------------------------------- settings
-
-def resolve_preferred_mode(mode: str | None) -> str:
-    """The preferred mode to use: ``mode``, else the environment variable, else the default.
-
-    Raises:
-        ValueError: the value is not ``embedding`` or ``classification``.
-    """
-    if mode is None:
-        return env.preferred_mode() or DEFAULT_PREFERRED_MODE
-    if not isinstance(mode, str) or mode.strip().lower() not in PREFERRED_MODES:
-        raise ValueError(f"preferred_mode={mode!r} is invalid; expected one of "
-                         f"{', '.join(PREFERRED_MODES)} (spec §5.6)")
-    return mode.strip().lower()
-
+# --------------------------------------------------------------------------- compilation cache
 
 def enable_compilation_cache(path: str | Path) -> None:
     """Use JAX's persistent compilation cache in ``path`` (process-wide setting).
@@ -98,96 +84,6 @@ def enable_compilation_cache(path: str | Path) -> None:
     # JAX decides once per process whether the cache is used (at the first compile);
     # forget that decision so a cache set after something compiled still takes effect.
     compilation_cache.reset_cache()
-
-
-def batch_plan(n: int, sizes: Sequence[int]) -> list[int]:
-    """Batch sizes (from ``sizes``) that cover ``n`` rows with little padding.
-
-    Full batches of the largest size; the rest goes into the smallest size that fits
-    when that is at least half full, otherwise into full batches of the next size down,
-    and so on. So every batch but the last is full and the last is over half full
-    (or the smallest size).
-
-    Args:
-        n: rows to cover (>= 0).
-        sizes: allowed batch sizes, ascending.
-    """
-    plan: list[int] = []
-    while n > 0:
-        fit = next((b for b in sizes if b >= n), None)
-        if fit is not None and (2 * n >= fit or fit == sizes[0]):
-            plan.append(fit)
-            break
-        big = max(b for b in sizes if b <= n)
-        plan += [big] * (n // big)
-        n %= big
-    return plan
-
-
-# --------------------------------------------------------------------------- inputs
-
-def _as_ragged(x: Any, lengths: Any, vocab: int, max_len: int, name: str,
-               first_row: int = 0) -> tuple[Ragged, int]:
-    """Validate and convert sequences; returns (Ragged truncated to max_len, # truncated).
-
-    Args:
-        x: list of lists of Python ints (or of 1-D int arrays), a Ragged, or an integer array
-            (N, L) that is 0-padded or comes with ``lengths``.
-        lengths: int (N,) real lengths of a 2-D array's rows, or None.
-        vocab: ids must be in [0, vocab).
-        max_len: longer sequences keep their first ``max_len`` ids (as training does).
-        name: "in0" or "in1", for messages.
-        first_row: index of x's first row in the caller's input, for messages.
-    """
-    if isinstance(x, Ragged):
-        if lengths is not None:
-            raise TypeError(f"{name}: lengths= is only for 2-D arrays, not a Ragged")
-        tokens, lens = x.tokens, x.lengths
-    elif isinstance(x, np.ndarray) or hasattr(x, "__array__") and getattr(x, "ndim", 0) == 2:
-        try:
-            tokens, lens = unpad(np.asarray(x), lengths)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{name}: {e}") from None
-    else:
-        if lengths is not None:
-            raise TypeError(f"{name}: lengths= is only for 2-D arrays")
-        if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
-            raise TypeError(f"{name}: expected a list of token-id lists, a Ragged or a 2-D "
-                            f"int array, got {type(x).__name__}")
-        try:
-            tokens, lens = flatten(x)
-        except TokenTypeError as e:
-            if e.position is None:
-                raise TypeError(f"{name}[{first_row + e.row}]: expected a list of token ids, got "
-                                f"{type(e.value).__name__} (pass [[...], ...], one list per "
-                                f"sequence)") from None
-            raise TypeError(f"{name} sequence {first_row + e.row}, position {e.position}: expected "
-                            f"an integer token id, got {type(e.value).__name__} "
-                            f"{e.value!r:.40}") from e
-    try:
-        return check_tokens(tokens, lens.astype(np.int64, copy=False), vocab, max_len)
-    except TokenRangeError as e:
-        value = x[e.row][e.position] if isinstance(x, Sequence) else e.value
-        raise ValueError(f"{name} sequence {first_row + e.row}, position {e.position}: "
-                         f"token id {value} is out of range; expected an integer in "
-                         f"[0, {vocab - 1}] (enc{name[-1]}_vocab_size={vocab})") from None
-
-
-def _slice(x: Any, lengths: Any, start: int, stop: int) -> tuple[Any, Any]:
-    """Rows [start, stop) of an input and its lengths (views where possible)."""
-    if isinstance(x, Ragged):
-        return x.slice(start, stop), None
-    return x[start:stop], None if lengths is None else np.asarray(lengths)[start:stop]
-
-
-def _count(x: Any, name: str) -> int:
-    """N, the number of sequences, without converting anything."""
-    if isinstance(x, Ragged) or isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
-        return len(x)
-    if hasattr(x, "shape"):
-        return int(x.shape[0]) if len(x.shape) else 0
-    raise TypeError(f"{name}: expected a list of token-id lists, a Ragged or a 2-D int "
-                    f"array, got {type(x).__name__}")
 
 
 def _struct(tree: Any) -> Any:
@@ -441,7 +337,7 @@ class Predictor:
             ValueError: a token id outside [0, vocab_size) (names the row and position).
         """
         side = _side(encoder)
-        n = _count(sequences, encoder)
+        n = count_input(sequences, encoder)
         out = _output(out, n, self.enc_dim)
         with _bar(n, progress, "embed") as bar:
             for start in range(0, n, self.chunk_size):
@@ -463,10 +359,10 @@ class Predictor:
         Returns:
             float32 (N, K).
         """
-        n = _count(in0, "in0")
-        if _count(in1, "in1") != n:
+        n = count_input(in0, "in0")
+        if count_input(in1, "in1") != n:
             raise ValueError(f"in0 has {n} sequences but in1 has "
-                             f"{_count(in1, 'in1')}; predict needs pairs")
+                             f"{count_input(in1, 'in1')}; predict needs pairs")
         out = np.empty((n, self.num_outputs), np.float32)
         sides = ((in0, in0_lengths), (in1, in1_lengths))
         with _bar(n, progress, "predict") as bar:
@@ -480,8 +376,9 @@ class Predictor:
 
     def _ragged(self, x: Any, lengths: Any, side: int, start: int, stop: int) -> Ragged:
         """Rows [start, stop) of one side's input, validated and truncated."""
-        r, cut = _as_ragged(*_slice(x, lengths, start, stop), self.vocab_sizes[side],
-                            self.max_seq_lens[side], ENCODERS[side], start)
+        r, cut = from_input(*slice_input(x, lengths, start, stop), self.vocab_sizes[side],
+                            self.max_seq_lens[side], ENCODERS[side], first_row=start,
+                            vocab_name=f"enc{side}_vocab_size")
         _log_truncated(cut, ENCODERS[side], self.max_seq_lens[side])
         return r
 
@@ -530,41 +427,6 @@ class Predictor:
         for row, y in pending:
             out[row:row + y.shape[0]] = np.asarray(y)[:max(0, n - row)]
         return out
-
-    # ----------------------------------------------------------------- requests
-
-    def answer(self, request: wire.Request) -> np.ndarray:
-        """The values for a decoded request: scores (N, K) or embeddings (N, H)."""
-        if request.mode == "scores":
-            return self.predict(request.in0, request.in1)
-        return self.embed(getattr(request, request.encoder), encoder=request.encoder)
-
-    def invoke(self, body: bytes, content_type: str | None, accept: str | None, *,
-               max_bytes: int | None = None,
-               answer: Callable[[wire.Request], np.ndarray] | None = None) -> tuple[bytes, str]:
-        """Answer one inference request body as SageMaker's /invocations does (spec §5).
-
-        Args:
-            body: the request body (application/json, application/jsonlines or
-                application/x-npz).
-            content_type: the Content-Type header (None: application/json).
-            accept: the Accept header (None: the request's own format).
-            max_bytes: body size limit (WireError 413 above it), None for none.
-            answer: computes the values of a decoded request (default
-                :meth:`answer`; the server passes its dynamic batcher's).
-
-        Returns:
-            (response body, response media type).
-
-        Raises:
-            wire.WireError: a request the wire layer rejects; ``.status`` is the HTTP
-                status (400, 406, 413, 415) for the server to answer with.
-        """
-        request = wire.decode_request(body, content_type, vocab_sizes=self.vocab_sizes,
-                                      max_seq_lens=self.max_seq_lens, max_bytes=max_bytes)
-        media = wire.negotiate(accept, request.media_type)  # 406 before any model work
-        values = (answer or self.answer)(request)
-        return wire.encode_response(request.mode, values, media), media
 
     def __repr__(self) -> str:
         nets = "/".join(e.network for e in self.config.encoders)

@@ -6,7 +6,9 @@ same for a 0-padded 2-D array, and :func:`check_tokens` range-checks the ids aga
 vocabulary and keeps each sequence's first ``max_len`` of them, giving a
 :class:`Ragged`. Errors carry the sequence and position (:class:`TokenRangeError`,
 :class:`TokenTypeError`); each caller words them for its input (file:line, record path,
-argument name).
+argument name). :func:`from_input` is that caller for a Python argument in any of the
+forms the predictor accepts (lists, a Ragged, a 2-D array), with
+:func:`count_input` and :func:`slice_input` to take it a chunk at a time.
 """
 
 from __future__ import annotations
@@ -208,3 +210,74 @@ class Ragged:
     def to_lists(self) -> list[list[int]]:
         tokens = self.tokens.tolist()
         return [tokens[a:b] for a, b in itertools.pairwise(self.offsets.tolist())]
+
+
+# --------------------------------------------------------------------------- Python inputs
+
+def count_input(x: Any, name: str) -> int:
+    """N, the number of sequences of an input, without converting anything."""
+    if isinstance(x, Ragged) or isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return len(x)
+    if hasattr(x, "shape"):
+        return int(x.shape[0]) if len(x.shape) else 0
+    raise TypeError(f"{name}: expected a list of token-id lists, a Ragged or a 2-D int "
+                    f"array, got {type(x).__name__}")
+
+
+def slice_input(x: Any, lengths: Any, start: int, stop: int) -> tuple[Any, Any]:
+    """Rows [start, stop) of an input and its lengths (views where possible)."""
+    if isinstance(x, Ragged):
+        return x.slice(start, stop), None
+    return x[start:stop], None if lengths is None else np.asarray(lengths)[start:stop]
+
+
+def from_input(x: Any, lengths: Any, vocab: int, max_len: int, name: str, *, vocab_name: str,
+               first_row: int = 0) -> tuple[Ragged, int]:
+    """Validate and convert sequences; returns (Ragged truncated to max_len, # truncated).
+
+    Args:
+        x: list of lists of Python ints (or of 1-D int arrays), a Ragged, or an integer array
+            (N, L) that is 0-padded or comes with ``lengths``.
+        lengths: int (N,) real lengths of a 2-D array's rows, or None.
+        vocab: ids must be in [0, vocab).
+        max_len: longer sequences keep their first ``max_len`` ids (as training does).
+        name: the argument's name ("in0" or "in1"), for messages.
+        vocab_name: the hyperparameter that sets ``vocab`` (e.g. "enc0_vocab_size"), for messages.
+        first_row: index of x's first row in the caller's input, for messages.
+
+    Raises:
+        TypeError: not one of the accepted forms, or an id that is not an integer.
+        ValueError: an id out of range (names the sequence and position), bad ``lengths``.
+    """
+    if isinstance(x, Ragged):
+        if lengths is not None:
+            raise TypeError(f"{name}: lengths= is only for 2-D arrays, not a Ragged")
+        tokens, lens = x.tokens, x.lengths
+    elif isinstance(x, np.ndarray) or hasattr(x, "__array__") and getattr(x, "ndim", 0) == 2:
+        try:
+            tokens, lens = unpad(np.asarray(x), lengths)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
+    else:
+        if lengths is not None:
+            raise TypeError(f"{name}: lengths= is only for 2-D arrays")
+        if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+            raise TypeError(f"{name}: expected a list of token-id lists, a Ragged or a 2-D "
+                            f"int array, got {type(x).__name__}")
+        try:
+            tokens, lens = flatten(x)
+        except TokenTypeError as e:
+            if e.position is None:
+                raise TypeError(f"{name}[{first_row + e.row}]: expected a list of token ids, got "
+                                f"{type(e.value).__name__} (pass [[...], ...], one list per "
+                                f"sequence)") from None
+            raise TypeError(f"{name} sequence {first_row + e.row}, position {e.position}: expected "
+                            f"an integer token id, got {type(e.value).__name__} "
+                            f"{e.value!r:.40}") from e
+    try:
+        return check_tokens(tokens, lens.astype(np.int64, copy=False), vocab, max_len)
+    except TokenRangeError as e:
+        value = x[e.row][e.position] if isinstance(x, Sequence) else e.value
+        raise ValueError(f"{name} sequence {first_row + e.row}, position {e.position}: "
+                         f"token id {value} is out of range; expected an integer in "
+                         f"[0, {vocab - 1}] ({vocab_name}={vocab})") from None

@@ -436,7 +436,7 @@ def train(
     seed: int = 0,
     resume: bool = False,
     host: str = "algo-1",
-    emit: Callable[[str], None] = print,
+    emit: Callable[[str], None] = functools.partial(print, flush=True),  # lines reach a pipe as written
     progress: bool | None = None,
     stop_after_epochs: int | None = None,
 ) -> TrainResult:

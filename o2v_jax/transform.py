@@ -3,8 +3,10 @@
 ``o2v transform --model-dir M --input PATH --output DIR`` reads each input file line by
 line (SageMaker's ``SplitType=Line``), groups lines into mini-batches of at most
 ``--max-payload`` MB (``MultiRecord``) or sends one line at a time (``SingleRecord``),
-answers them with :class:`o2v_jax.predictor.Predictor`, and writes ``<name>.out`` with
-exactly one output line per input line, in order (``AssembleWith=Line``). Files stream:
+answers them through :func:`o2v_jax.app.respond`, the server's request path (a
+mini-batch that cannot be one request is decoded line by line and answered one model
+call per kind, :mod:`o2v_jax.batcher`), and writes ``<name>.out`` with exactly one
+output line per input line, in order (``AssembleWith=Line``). Files stream:
 memory holds one mini-batch, never a whole file. Output goes to ``<name>.out.tmp`` and
 is renamed when complete, so a ``.out`` file is never partial.
 
@@ -23,28 +25,22 @@ Input and output per line (docs/inference.md, "Batch transform"):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
-import numpy as np
 
-from o2v_jax import wire
+from o2v_jax import app, batcher, media, wire
 from o2v_jax.data import DataError
-from o2v_jax.ragged import Ragged
+from o2v_jax.env import BATCH_STRATEGIES, MAX_PAYLOAD_MB, batch_strategy
 
 log = logging.getLogger("o2v_jax")
 
-STRATEGIES = ("MultiRecord", "SingleRecord")  # SageMaker's BatchStrategy values
 DEFAULT_MAX_PAYLOAD_MB = 6.0  # SageMaker's default MaxPayloadInMB
-MAX_PAYLOAD_MB = 100.0  # SageMaker's upper limit
 MB = 1 << 20
 OUT_SUFFIX = ".out"
 
@@ -52,7 +48,7 @@ _ENCODER = msgspec.json.Encoder()
 _BOM = b"\xef\xbb\xbf"
 # A small valid body per request type: decoding it checks a Content-Type (charset,
 # infer_max_seqlens) once before any file is read, so a bad flag is not a "bad line".
-_PROBES = {wire.JSON: b'{"instances": [{"in0": [0]}]}', wire.JSONLINES: b'{"in0": [0]}'}
+_PROBES = {media.JSON: b'{"instances": [{"in0": [0]}]}', media.JSONLINES: b'{"in0": [0]}'}
 
 
 class TransformError(DataError):
@@ -80,48 +76,55 @@ class Settings:
     """Validated transform settings (the request and response formats, batching)."""
 
     content_type: str  # the Content-Type sent with each mini-batch (may carry parameters)
-    request_type: str  # wire.JSON or wire.JSONLINES
-    response_type: str  # wire.JSON or wire.JSONLINES
-    strategy: str  # MultiRecord | SingleRecord
+    request_type: str  # media.JSON or media.JSONLINES
+    response_type: str  # media.JSON or media.JSONLINES
+    strategy: str  # env.BATCH_STRATEGIES: MULTI_RECORD | SINGLE_RECORD
     max_payload: int  # bytes per mini-batch
     skip_bad_lines: bool
 
 
-def settings(predictor, *, content_type: str = wire.JSONLINES, accept: str | None = None,
+def strategy_name(strategy: str) -> str:
+    """SageMaker's API spelling of a batch strategy, as the CLI shows it: MULTI_RECORD ->
+    MultiRecord (the container variable spells it the other way; both are accepted)."""
+    return strategy.title().replace("_", "")
+
+
+def settings(predictor, *, content_type: str = media.JSONLINES, accept: str | None = None,
              strategy: str = "MultiRecord", max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB,
              skip_bad_lines: bool = False) -> Settings:
     """Check the transform options once, before any file is read.
 
+    ``strategy`` takes any of SageMaker's spellings (MultiRecord, MULTI_RECORD, any case).
+
     Raises:
         TransformError: an unsupported content type, accept, strategy or payload size.
     """
-    names = {s.lower().replace("_", ""): s for s in STRATEGIES}
-    chosen = names.get(str(strategy).lower().replace("_", ""))
+    chosen = batch_strategy(str(strategy))
     if chosen is None:
-        raise TransformError(f"strategy {strategy!r} is invalid; expected one of {', '.join(STRATEGIES)}")
+        raise TransformError(f"strategy {strategy!r} is invalid; expected one of "
+                             f"{', '.join(map(strategy_name, BATCH_STRATEGIES))}")
     if not 0 < max_payload_mb <= MAX_PAYLOAD_MB:
         raise TransformError(f"max payload {max_payload_mb} MB is invalid; expected a number in "
                              f"(0, {MAX_PAYLOAD_MB:g}] (SageMaker's MaxPayloadInMB)")
     try:
-        media = wire.parse_media_type(content_type)[0]
-        request_type = wire.JSONLINES if media in wire.JSONLINES_ALIASES else media
+        given = media.parse_media_type(content_type)[0]
+        request_type = media.JSONLINES if given in media.JSONLINES_ALIASES else given
         probe = _PROBES.get(request_type)
         if probe is None:
-            raise wire.WireError(415, f"unsupported content type {media!r}; use {wire.JSONLINES} "
-                                      f"(one instance per line) or {wire.JSON}")
-        wire.decode_request(probe, content_type, vocab_sizes=predictor.vocab_sizes,
-                            max_seq_lens=predictor.max_seq_lens)
-        response_type = wire.negotiate(accept, request_type)
-    except wire.WireError as e:
+            raise media.WireError(415, f"unsupported content type {given!r}; use {media.JSONLINES} "
+                                       f"(one instance per line) or {media.JSON}")
+        app.decode(probe, content_type, predictor)
+        response_type = media.negotiate(accept, request_type)
+    except media.WireError as e:
         raise TransformError(str(e)) from None
-    if response_type == wire.NPY:
+    if response_type == media.NPY:
         raise TransformError(
-            f"--accept {wire.NPY} is for one response per request (o2v serve, "
-            f"Predictor.invoke); batch transform writes one JSON line per input line: use "
-            f"{wire.JSONLINES} or {wire.JSON}")
-    if request_type == wire.JSON and response_type == wire.JSONLINES:
+            f"--accept {media.NPY} is for one response per request (o2v serve, "
+            f"o2v_jax.app.respond); batch transform writes one JSON line per input line: use "
+            f"{media.JSONLINES} or {media.JSON}")
+    if request_type == media.JSON and response_type == media.JSONLINES:
         raise TransformError(
-            f"--accept {wire.JSONLINES} needs --content-type {wire.JSONLINES}: with {wire.JSON} "
+            f"--accept {media.JSONLINES} needs --content-type {media.JSONLINES}: with {media.JSON} "
             f"input a line holds several instances, and its answer must stay one line "
             f"({{\"predictions\": [...]}})")
     return Settings(content_type, request_type, response_type, chosen,
@@ -131,7 +134,7 @@ def settings(predictor, *, content_type: str = wire.JSONLINES, accept: str | Non
 # --------------------------------------------------------------------------- one file
 
 def transform_file(predictor, input_path: str | Path, output_path: str | Path, *,
-                   content_type: str = wire.JSONLINES, accept: str | None = None,
+                   content_type: str = media.JSONLINES, accept: str | None = None,
                    strategy: str = "MultiRecord", max_payload_mb: float = DEFAULT_MAX_PAYLOAD_MB,
                    skip_bad_lines: bool = False, progress=None,
                    options: Settings | None = None) -> TransformStats:
@@ -188,7 +191,7 @@ def _mini_batches(src, opts: Settings) -> Iterator[tuple[int, list[bytes]]]:
     for number, line in enumerate(src, start=1):
         if number == 1 and line.startswith(_BOM):
             line = line[len(_BOM):]  # so "blank" means the same here as in wire.iter_lines
-        if lines and (opts.strategy == "SingleRecord" or size + len(line) > opts.max_payload):
+        if lines and (opts.strategy == "SINGLE_RECORD" or size + len(line) > opts.max_payload):
             yield first, lines
             lines, size = [], 0
         if not lines:
@@ -203,21 +206,24 @@ def _answer(predictor, path: Path, first: int, lines: list[bytes], opts: Setting
             stats: TransformStats) -> list[bytes]:
     """Output lines (no newlines) for one mini-batch of input lines."""
     out = [b""] * len(lines)  # blank input lines stay blank
-    if opts.request_type == wire.JSONLINES and max(map(len, lines)) <= opts.max_payload:
-        # Fast path: the whole mini-batch as one request, as SageMaker would send it.
+    if opts.request_type == media.JSONLINES and max(map(len, lines)) <= opts.max_payload:
+        # Fast path: the whole mini-batch as one request, as SageMaker would send it,
+        # answered as JSON Lines: one record per non-blank input line.
         try:
-            request = _decode(predictor, b"".join(lines), opts, first)
-        except wire.WireError:
+            body, _ = app.respond(b"".join(lines), opts.content_type, media.JSONLINES, predictor,
+                                  first_line=first)
+        except media.WireError:
             pass  # find the bad line(s) (or mixed modes) one line at a time, below
         else:
-            values = predictor.answer(request)
-            records = _records(request.mode, values, opts.response_type)
+            records = body.split(b"\n")[:-1]
+            if opts.response_type == media.JSON:  # the bytes encode_response(mode, row, JSON) gives
+                records = [b'{"predictions":[' + r + b"]}" for r in records]
             filled = [i for i, line in enumerate(lines) if line.strip()]
             for i, record in zip(filled, records):
                 out[i] = record
-            stats.records += len(request)
+            stats.records += len(records)
             return out
-    # One request per line; lines with the same mode are still answered together.
+    # One request per line; lines of the same kind are still answered with one call.
     groups: dict[tuple, list[tuple[int, wire.Request]]] = {}
     for i, line in enumerate(lines):
         if not line.strip():
@@ -225,46 +231,24 @@ def _answer(predictor, path: Path, first: int, lines: list[bytes], opts: Setting
         number = first + i
         try:
             if len(line) > opts.max_payload:
-                raise wire.WireError(413, f"line is {len(line)} bytes, more than the max payload "
+                raise media.WireError(413, f"line is {len(line)} bytes, more than the max payload "
                                           f"of {opts.max_payload} bytes")
-            request = _decode(predictor, line, opts, number)
-        except wire.WireError as e:
+            request = app.decode(line, opts.content_type, predictor, first_line=number)
+        except media.WireError as e:
             if not opts.skip_bad_lines:
                 raise TransformError(f"{path}:{number}: {e}") from None
             out[i] = _ENCODER.encode({"error": str(e), "line": number})
             stats.bad_lines += 1
             continue
-        groups.setdefault((request.mode, request.encoder), []).append((i, request))
-    for (mode, encoder), items in groups.items():
+        groups.setdefault(batcher.kind(request), []).append((i, request))
+    for (mode, _), items in groups.items():
         requests = [r for _, r in items]
-        if mode == "scores":
-            values = predictor.predict(Ragged.concat([r.in0 for r in requests]),
-                                       Ragged.concat([r.in1 for r in requests]))
-        else:
-            values = predictor.embed(Ragged.concat([getattr(r, encoder) for r in requests]),
-                                     encoder=encoder)
-        stops = np.cumsum([len(r) for r in requests]).tolist()
-        for (i, request), stop in zip(items, stops):
-            rows = values[stop - len(request):stop]
-            if opts.request_type == wire.JSON:
-                out[i] = wire.encode_response(mode, rows, wire.JSON)
-            else:
-                out[i] = _records(mode, rows, opts.response_type)[0]
+        values = app.compute(predictor, batcher.merge(requests))
+        for (i, request), rows in zip(items, batcher.split(values, requests)):
+            # JSON input: the line's whole response; JSON Lines input: its one record.
+            out[i] = wire.encode_response(mode, rows, opts.response_type).removesuffix(b"\n")
             stats.records += len(request)
     return out
-
-
-def _decode(predictor, body: bytes, opts: Settings, first_line: int) -> wire.Request:
-    return wire.decode_request(body, opts.content_type, vocab_sizes=predictor.vocab_sizes,
-                               max_seq_lens=predictor.max_seq_lens, first_line=first_line)
-
-
-def _records(mode: str, values: np.ndarray, response_type: str) -> list[bytes]:
-    """One output line per row: ``{"<mode>": [...]}`` or ``{"predictions": [{...}]}``."""
-    records = wire.encode_lines(mode, values).split(b"\n")[:-1]
-    if response_type == wire.JSON:  # the bytes encode_response(mode, row, JSON) gives
-        records = [b'{"predictions":[' + r + b"]}" for r in records]
-    return records
 
 
 # --------------------------------------------------------------------------- files and dirs
@@ -316,59 +300,3 @@ def transform(predictor, input_path: str | Path, output_dir: str | Path, *,
             total.add(stats)
     total.seconds = time.perf_counter() - t0
     return total
-
-
-# --------------------------------------------------------------------------- CLI
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``o2v transform`` to the CLI's subcommands."""
-    p = subparsers.add_parser(
-        "transform", help="batch transform: score or embed JSON Lines files offline",
-        description="Answer every line of a file (or of every file in a directory) with a "
-                    "trained model, as SageMaker batch transform does with SplitType=Line "
-                    "and AssembleWith=Line: <input name>.out gets one line per input line.",
-        epilog="examples:\n"
-               "  o2v transform --model-dir runs/m1 --input pairs.jsonl --output out/\n"
-               "  INFERENCE_PREFERRED_MODE=embedding o2v transform --model-dir runs/m1 \\\n"
-               "      --input sentences/ --output vectors/ --max-payload 1 --skip-bad-lines\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, required=True, help="a directory written by `o2v train`")
-    p.add_argument("--input", type=Path, required=True, help="an input file or a directory of them")
-    p.add_argument("--output", type=Path, required=True, help="directory for the .out files")
-    p.add_argument("--content-type", default=wire.JSONLINES, metavar="TYPE",
-                   help=f"what a line holds: {wire.JSONLINES} (one instance, default) or "
-                        f"{wire.JSON} (one {{\"instances\": [...]}} request); may carry "
-                        f"'; infer_max_seqlens=L0,L1'")
-    p.add_argument("--accept", default=None, metavar="TYPE",
-                   help="response format per line (default: the content type's own)")
-    p.add_argument("--strategy", default="MultiRecord", choices=STRATEGIES,
-                   type=lambda s: {x.lower().replace("_", ""): x for x in STRATEGIES}.get(
-                       s.lower().replace("_", ""), s),
-                   help="MultiRecord (mini-batches up to --max-payload, default) or SingleRecord")
-    p.add_argument("--max-payload", type=float, default=DEFAULT_MAX_PAYLOAD_MB, metavar="MB",
-                   help=f"mini-batch size limit in MB (MiB), default {DEFAULT_MAX_PAYLOAD_MB:g}")
-    p.add_argument("--skip-bad-lines", action="store_true",
-                   help='write {"error": ..., "line": N} for a bad line and go on, instead of stopping')
-    p.add_argument("--compile-cache-dir", type=Path, default=None, metavar="DIR",
-                   help="JAX persistent compilation cache (faster second start)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``o2v transform``; prints a JSON summary line, returns the exit status."""
-    from o2v_jax.predictor import load
-
-    predictor = load(args.model_dir, compile_cache_dir=args.compile_cache_dir)
-    progress = not args.no_progress and sys.stderr.isatty()
-    stats = transform(predictor, args.input, args.output, progress=progress,
-                      content_type=args.content_type, accept=args.accept,
-                      strategy=args.strategy, max_payload_mb=args.max_payload,
-                      skip_bad_lines=args.skip_bad_lines)
-    if stats.bad_lines:
-        log.warning("%d bad lines were written as {\"error\": ...} records", stats.bad_lines)
-    summary = {**dataclasses.asdict(stats), "seconds": round(stats.seconds, 3),
-               "output": str(args.output)}
-    print("Transform finished: " + json.dumps(summary, sort_keys=True), flush=True)
-    return 0

@@ -1,25 +1,24 @@
 """Inference wire formats: request bodies in, response bodies out (spec §5).
 
 Pure Python + numpy, msgspec for requests and orjson for JSON responses (no jax): the
-server, batch transform and tests share it.
+server, batch transform and tests share it. This module owns the decoded
+:class:`Request` and the JSON and JSON Lines formats; :mod:`o2v_jax.media` holds the
+media types, Content-Type parsing, negotiation and :class:`~o2v_jax.media.WireError`;
+:mod:`o2v_jax.npz` holds our two NumPy formats (.npz requests, .npy responses), which
+:func:`decode_request` and :func:`encode_response` hand over to it.
 docs/inference.md shows every request and response shape and the error catalogue.
 
 API::
 
-    JSON, JSONLINES                      canonical media types (SageMaker's)
-    NPY                                  application/x-npy responses (our extension)
-    NPZ                                  application/x-npz requests (our extension)
-    WireError(ValueError)                .status (400/406/413/415), .message, .path
     Request                              frozen: mode, encoder, in0, in1, media_type,
                                          seq_lens, truncated; len() = instance count
-    parse_media_type(header) -> (type, params)
     decode_request(body, content_type, *, vocab_sizes, max_seq_lens,
                    max_bytes=None, first_line=1) -> Request
-    negotiate(accept, request_type) -> JSON | JSONLINES | NPY
     encode_response(mode, values, media_type) -> bytes
-    npy_rows(body) -> int                # rows of an NPY body, from its header
     encode_lines(mode, values) -> bytes  # JSON Lines, one record per row
+    count_records(body, media_type) -> int  # records in an encode_response body
     iter_lines(body, first_line=1) -> Iterator[(line_number, line_bytes)]
+    range_error(token, side, vocab, path) -> WireError  # "token id ... is out of range"
 
 Record paths in errors: ``$.instances[3].in0[7]`` for application/json (index from 0,
 as msgspec reports them) and ``$[line 4].in0[7]`` for application/jsonlines (line
@@ -29,13 +28,8 @@ numbers from 1, counting blank lines, as an editor shows them).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import math
 import re
-import struct
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Annotated, Literal
 
@@ -43,54 +37,15 @@ import msgspec
 import numpy as np
 import orjson
 
-from o2v_jax.ragged import Ragged, TokenRangeError, check_tokens, flatten, unpad
+from o2v_jax.media import CANONICAL, JSON, JSONLINES, NPY, NPZ, WireError, length_caps, request_type
+from o2v_jax.ragged import Ragged, TokenRangeError, check_tokens, flatten
 
 log = logging.getLogger("o2v_jax")
 
-JSON = "application/json"
-JSONLINES = "application/jsonlines"
-# Other names in use for the same newline-delimited format; accepted in Content-Type and
-# Accept, answered as JSONLINES.
-JSONLINES_ALIASES = ("application/x-jsonlines", "application/jsonl", "application/x-ndjson")
-_CANONICAL = {JSON: JSON, JSONLINES: JSONLINES, **{a: JSONLINES for a in JSONLINES_ALIASES}}
-# A response type beyond SageMaker's documented two (docs/inference.md): the float32
-# (N, K) array in NumPy's .npy format, what the SageMaker Python SDK's NumpyDeserializer
-# reads. Chosen only when Accept names it; wildcards keep the JSON types.
-NPY = "application/x-npy"
-# A request type beyond SageMaker's (docs/inference.md): an .npz archive (numpy.savez or
-# savez_compressed) of 2-D integer arrays named in0 / in1, 0-padded on the right, with
-# optional in0_lengths / in1_lengths. No JSON to parse: for clients that already hold arrays.
-NPZ = "application/x-npz"
-NPZ_MEMBERS = ("in0", "in1", "in0_lengths", "in1_lengths")
-# What an .npz body's members may expand to, all together (compressed archives): 413 above.
-NPZ_MAX_EXPANDED_BYTES = 64 << 20
-CHARSETS = ("utf-8", "utf8")
-# Spec §5.4: each infer_max_seqlens value is an integer in [1, 5000].
-INFER_MAX_SEQLEN_RANGE = (1, 5000)
 KEYS = ("in0", "in1")
 _BOM = b"\xef\xbb\xbf"
 
 Mode = Literal["scores", "embeddings"]
-
-
-class WireError(ValueError):
-    """A request the wire layer rejects; ``status`` is the HTTP status to answer with.
-
-    Attributes:
-        status: 400 bad body, 406 no acceptable response type, 413 body too large,
-            415 unsupported Content-Type or charset.
-        message: what was wrong and what was expected.
-        path: the record path (``$.instances[3].in0[7]``, ``$[line 4].in0``) or None.
-    """
-
-    def __init__(self, status: int, message: str, path: str | None = None):
-        super().__init__(status, message, path)
-        self.status = status
-        self.message = message
-        self.path = path
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 # --- request types ------------------------------------------------------------------
@@ -169,141 +124,6 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _LINE = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
-# --- media types --------------------------------------------------------------------
-
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_MEDIA_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})")
-# Commas separate Accept entries, but infer_max_seqlens=10,20 has one inside a value:
-# split only where a new "type/subtype" begins.
-_ACCEPT_SPLIT = re.compile(rf",\s*(?={_TOKEN}/)")
-
-
-def parse_media_type(header: str) -> tuple[str, dict[str, str]]:
-    """Split ``type/subtype; name=value; ...`` into the lower-cased type and parameters.
-
-    Parameter names are lower-cased, values are stripped and unquoted, case kept.
-
-    Raises:
-        WireError(415): the header is not a media type.
-    """
-    head, *parts = header.split(";")
-    media = head.strip().lower()
-    if not _MEDIA_TYPE.fullmatch(media):
-        raise WireError(415, f"malformed media type {header!r}; expected type/subtype, e.g. {JSON}")
-    params = {}
-    for part in parts:
-        if not part.strip():
-            continue
-        name, eq, value = part.partition("=")
-        name, value = name.strip().lower(), value.strip()
-        if not eq or not re.fullmatch(_TOKEN, name):
-            raise WireError(
-                415, f"malformed parameter {part.strip()!r} in media type {header!r}; expected name=value"
-            )
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        params[name] = value
-    return media, params
-
-
-def _request_type(content_type: str | None) -> tuple[str, tuple[int, int] | None]:
-    """The canonical request type and the infer_max_seqlens caps, from Content-Type."""
-    if content_type is None or not content_type.strip():
-        return JSON, None  # documented default: no Content-Type means application/json
-    media, params = parse_media_type(content_type)
-    if media != NPZ and media not in _CANONICAL:
-        raise WireError(415, f"unsupported Content-Type {media!r}; send {JSON}, {JSONLINES} or "
-                             f"{NPZ}")
-    caps = None
-    for name, value in params.items():
-        if name == "charset":
-            if value.lower() not in CHARSETS:
-                raise WireError(415, f"unsupported charset {value!r}; request bodies must be utf-8")
-        elif name == "infer_max_seqlens":
-            caps = _parse_infer_max_seqlens(value)
-        else:
-            raise WireError(
-                415,
-                f"unsupported Content-Type parameter {name!r}; known parameters are charset and"
-                " infer_max_seqlens",
-            )
-    return _CANONICAL.get(media, media), caps
-
-
-def _seq_lens(caps: tuple[int, int] | None, max_seq_lens: tuple[int, int]) -> tuple[int, int]:
-    """Per side, min(infer_max_seqlens, max_seq_len), or max_seq_len without the parameter."""
-    return tuple(min(c, m) for c, m in zip(caps or max_seq_lens, max_seq_lens))
-
-
-def _parse_infer_max_seqlens(value: str) -> tuple[int, int]:
-    lo, hi = INFER_MAX_SEQLEN_RANGE
-    parts = [p.strip() for p in value.split(",")]
-    if len(parts) == 2 and all(re.fullmatch(r"[0-9]+", p) for p in parts):
-        caps = (int(parts[0]), int(parts[1]))
-        if all(lo <= c <= hi for c in caps):
-            return caps
-    raise WireError(
-        400,
-        f"invalid infer_max_seqlens={value!r}; expected two integers in [{lo}, {hi}] as <in0>,<in1>,"
-        " e.g. 50,50",
-    )
-
-
-def negotiate(accept: str | None, request_type: str) -> str:
-    """Pick the response type from an Accept header (RFC 9110 §12.5.1, q-values honoured).
-
-    No header, ``*/*`` or ``application/*`` answer in the request's own format (NPY for
-    an NPZ request); an explicit type wins over a wildcard; on equal q the request's
-    format wins. For JSON and JSON Lines requests, NPY is offered only to an Accept that
-    names it.
-
-    Args:
-        accept: the Accept header or None.
-        request_type: the request's media type (JSON, JSONLINES, an alias, or NPZ).
-
-    Returns:
-        JSON, JSONLINES or NPY.
-
-    Raises:
-        WireError(406): the header allows none of them.
-    """
-    own = NPY if request_type == NPZ else _CANONICAL.get(request_type, JSON)
-    if accept is None or not accept.strip():
-        return own
-    best: dict[str, tuple[int, float]] = {}  # type -> (specificity, q) of its best match
-    for entry in _ACCEPT_SPLIT.split(accept.strip()):
-        try:
-            media, params = parse_media_type(entry)
-            q = float(params.get("q", "1"))
-        except (WireError, ValueError):
-            continue  # a malformed entry is ignored (documented); the others still count
-        if not 0.0 <= q <= 1.0:
-            continue
-        kind, _, sub = media.partition("/")
-        for offer in (JSON, JSONLINES, NPY):
-            wild = offer != NPY or own == NPY  # NPY answers wildcards for NPZ requests only
-            if media == "*/*" and wild:
-                spec = 0
-            elif kind == "application" and sub == "*" and wild:
-                spec = 1
-            elif _CANONICAL.get(media, media) == offer:
-                spec = 2
-            else:
-                continue
-            # The most specific matching entry decides; equally specific ones: highest q.
-            if offer not in best or (spec, q) > best[offer]:
-                best[offer] = (spec, q)
-    ranked = sorted(
-        ((q, offer == own, offer) for offer, (_, q) in best.items() if q > 0), reverse=True
-    )
-    if not ranked:
-        raise WireError(
-            406, f"Accept {accept!r} allows no type this endpoint returns; use {JSON}, "
-                 f"{JSONLINES} or {NPY}"
-        )
-    return ranked[0][2]
-
-
 # --- decoding -----------------------------------------------------------------------
 
 
@@ -317,15 +137,9 @@ def iter_lines(body: bytes, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
             yield n, line
 
 
-def decode_request(
-    body: bytes,
-    content_type: str | None,
-    *,
-    vocab_sizes: tuple[int, int],
-    max_seq_lens: tuple[int, int],
-    max_bytes: int | None = None,
-    first_line: int = 1,
-) -> Request:
+def decode_request(body: bytes, content_type: str | None, *, vocab_sizes: tuple[int, int],
+                   max_seq_lens: tuple[int, int], max_bytes: int | None = None,
+                   first_line: int = 1) -> Request:
     """Decode and validate an inference request body.
 
     Args:
@@ -344,13 +158,15 @@ def decode_request(
 
     Raises:
         WireError: 400 bad body, 413 body too large (or an NPZ body whose members expand
-            beyond NPZ_MAX_EXPANDED_BYTES), 415 bad Content-Type or charset.
+            beyond npz.MAX_EXPANDED_BYTES), 415 bad Content-Type or charset.
     """
-    media, caps = _request_type(content_type)
+    media, caps = request_type(content_type)
     if max_bytes is not None and len(body) > max_bytes:
         raise WireError(413, f"request body is {len(body)} bytes; the limit is {max_bytes} bytes")
     if media == NPZ:
-        return _decode_npz(body, caps, vocab_sizes, max_seq_lens)
+        from o2v_jax import npz  # npz builds on this module's types (no import cycle at load)
+
+        return npz.decode(body, vocab_sizes, length_caps(caps, max_seq_lens))
     if body.startswith(_BOM):
         body = body[len(_BOM) :]
     if not body.strip():
@@ -366,118 +182,6 @@ _EXPECTED = {
     JSON: '{"instances": [{"in0": [...], "in1": [...]}, ...]}',
     JSONLINES: 'one {"in0": [...], "in1": [...]} object per line',
 }
-
-
-def _decode_npz(body: bytes, caps, vocab_sizes, max_seq_lens) -> Request:
-    """An application/x-npz body: in0 and/or in1 (N, L) integer arrays -> a Request.
-
-    Paths in errors: ``$.in0`` (a member), ``$.in0[3][7]`` (row 3, column 7).
-    """
-    expected = ("an .npz archive (numpy.savez) of in0 and/or in1: 2-D integer (N, L) arrays, "
-                "0-padded, with optional in0_lengths / in1_lengths")
-    if not body:
-        raise WireError(400, f"empty request body; expected {expected}")
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError,
-            struct.error) as e:  # not a zip, truncated, a version zipfile cannot read
-        raise WireError(400, f"body is not a readable zip archive ({e}); expected {expected}") from None
-    arrays: dict[str, np.ndarray] = {}
-    expanded = 0
-    with archive:
-        for info in archive.infolist():
-            key = info.filename.removesuffix(".npy")
-            if key not in NPZ_MEMBERS:
-                raise WireError(400, f"unknown member {info.filename!r}; expected {expected}")
-            if key in arrays:
-                raise WireError(400, f"member {key!r} appears twice", f"$.{key}")
-            expanded += info.file_size
-            if expanded > NPZ_MAX_EXPANDED_BYTES:
-                raise WireError(413, f"the archive's members expand to more than "
-                                     f"{NPZ_MAX_EXPANDED_BYTES} bytes")
-            arrays[key] = _read_member(body, archive, info, key)
-    ids = [arrays.get(k) for k in KEYS]
-    for side, key in enumerate(KEYS):
-        if ids[side] is None and f"{key}_lengths" in arrays:
-            raise WireError(400, f"{key}_lengths without {key}", f"$.{key}_lengths")
-    if ids[0] is None and ids[1] is None:
-        raise WireError(400, f"the archive has neither in0 nor in1; expected {expected}")
-    for key, arr in zip(KEYS, ids):
-        if arr is not None and arr.ndim != 2:
-            raise WireError(400, f"expected a 2-D (N, L) array, got shape {arr.shape}", f"$.{key}")
-        if arr is not None and arr.shape[0] == 0:
-            raise WireError(400, "expected at least one instance (a row)", f"$.{key}")
-    if ids[0] is not None and ids[1] is not None and len(ids[0]) != len(ids[1]):
-        raise WireError(400, f"in1 has {len(ids[1])} rows but in0 has {len(ids[0])}; scores "
-                             "need one in0 row per in1 row", "$.in1")
-    mode = "scores" if ids[0] is not None and ids[1] is not None else "embeddings"
-    seq_lens = _seq_lens(caps, max_seq_lens)
-    packed, truncated = [None, None], [0, 0]
-    for side, key in enumerate(KEYS):
-        if ids[side] is None:
-            continue
-        try:
-            tokens, lengths = unpad(ids[side], arrays.get(f"{key}_lengths"))
-        except ValueError as e:
-            raise WireError(400, str(e), f"$.{key}_lengths") from None
-        try:
-            packed[side], truncated[side] = check_tokens(tokens, lengths, vocab_sizes[side],
-                                                         seq_lens[side])
-        except TokenRangeError as e:
-            raise _range_error(e.value, side, vocab_sizes[side],
-                               f"$.{key}[{e.row}][{e.position}]") from None
-    encoder = None if mode == "scores" else KEYS[0 if ids[0] is not None else 1]
-    return Request(mode, encoder, packed[0], packed[1], NPZ, seq_lens, tuple(truncated))
-
-
-def _read_member(body: bytes, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
-                 key: str) -> np.ndarray:
-    """One .npy member, its header checked before any data is read or allocated.
-
-    A stored (uncompressed, numpy.savez) member is read in place from the body, no copy.
-    """
-    try:
-        data = _member_data(body, archive, info)
-        if data[:6] != b"\x93NUMPY" or len(data) < 10:
-            raise ValueError("it does not start with the .npy magic string")
-        start = 10 if data[6] == 1 else 12
-        (size,) = struct.unpack_from("<H" if start == 10 else "<I", data, 8)
-        f = io.BytesIO(bytes(data[:start + size]))
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read(f)
-        if dtype.kind not in "iu":
-            raise WireError(400, f"expected integer ids, got dtype {dtype}", f"$.{key}")
-        count = math.prod(shape)
-        if count * dtype.itemsize > len(data) - f.tell():
-            raise ValueError(f"its header promises {count * dtype.itemsize} bytes of data; "
-                             f"it holds {len(data) - f.tell()}")
-        flat = np.frombuffer(data, dtype, count, offset=f.tell())
-    except WireError:
-        raise
-    except (ValueError, EOFError, OSError, struct.error, zipfile.BadZipFile, zlib.error,
-            NotImplementedError, RuntimeError) as e:
-        # bad header, truncated data, bad CRC, a broken deflate stream, unknown
-        # compression, encryption
-        raise WireError(400, f"member {info.filename!r} is not a readable .npy array: {e}",
-                        f"$.{key}") from None
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def _member_data(body: bytes, archive: zipfile.ZipFile, info: zipfile.ZipInfo):
-    """A member's bytes, CRC-checked: a view into ``body`` when stored, else inflated."""
-    offset = info.header_offset
-    if (info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1
-            and body[offset:offset + 4] == b"PK\x03\x04"):
-        name, extra = struct.unpack_from("<HH", body, offset + 26)
-        start = offset + 30 + name + extra
-        data = memoryview(body)[start:start + info.file_size]
-        if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
-            raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
-        return data
-    with archive.open(info) as f:
-        return f.read()
 
 
 def _decode_json(body: bytes) -> list[Instance]:
@@ -530,11 +234,8 @@ def _decode_error(e: Exception, data: bytes, media: str, line: int | None) -> Wi
         else:
             msg = f"malformed JSON: {msg}"
         if "trailing characters" in msg:
-            msg += (
-                "; JSON Lines needs exactly one instance per line"
-                if media == JSONLINES
-                else f"; a body with one instance per line needs Content-Type: {JSONLINES}"
-            )
+            msg += ("; JSON Lines needs exactly one instance per line" if media == JSONLINES
+                    else f"; a body with one instance per line needs Content-Type: {JSONLINES}")
         return WireError(400, msg, whole)
     m = _MSGSPEC_PATH.match(str(e))
     raw, sub = m.group(1), m.group(2) or "$"
@@ -569,10 +270,8 @@ def _explain(raw: str, sub: str, media: str) -> str:
         return "expected at least one instance"
     if m := re.fullmatch(r"Object contains unknown field `(.*)`", raw):
         if top and media == JSON:
-            return (
-                f"unknown field `{m.group(1)}`; expected {_EXPECTED[JSON]} (a single instance"
-                f" must be wrapped in \"instances\", or sent as {JSONLINES})"
-            )
+            return (f"unknown field `{m.group(1)}`; expected {_EXPECTED[JSON]} (a single instance"
+                    f" must be wrapped in \"instances\", or sent as {JSONLINES})")
         if top and m.group(1) == "instances":
             return f'unknown field `instances`; a {{"instances": [...]}} body needs Content-Type: {JSON}'
         return f"unknown field `{m.group(1)}`; an instance has only `in0` and/or `in1`"
@@ -596,30 +295,22 @@ def _build(instances, lines, media, caps, vocab_sizes, max_seq_lens) -> Request:
     neither = ~has.any(axis=1)
     if neither.any():
         i = int(np.argmax(neither))
-        raise WireError(
-            400,
-            "instance has neither `in0` nor `in1`; expected both (scores) or exactly one (embeddings)",
-            path(i),
-        )
+        raise WireError(400, "instance has neither `in0` nor `in1`; expected both (scores) or exactly "
+                             "one (embeddings)", path(i))
     differ = (has != has[0]).any(axis=1)
     if differ.any():
         i = int(np.argmax(differ))
-        raise WireError(
-            400,
-            f"instance has {_keys(has[i])} but {path(0)} has {_keys(has[0])}; every instance of a"
-            " request needs the same keys: all `in0` and `in1` (scores), all `in0` or all `in1`"
-            " (embeddings)",
-            path(i),
-        )
+        raise WireError(400, f"instance has {_keys(has[i])} but {path(0)} has {_keys(has[0])}; every "
+                             "instance of a request needs the same keys: all `in0` and `in1` (scores), "
+                             "all `in0` or all `in1` (embeddings)", path(i))
     mode = "scores" if has[0].all() else "embeddings"
     encoder = None if mode == "scores" else KEYS[int(np.argmax(has[0]))]
-    seq_lens = _seq_lens(caps, max_seq_lens)
+    seq_lens = length_caps(caps, max_seq_lens)
     packed, truncated = [None, None], [0, 0]
     for side in (0, 1):
         if has[0, side]:
-            packed[side], truncated[side] = _pack(
-                seqs[side], side, vocab_sizes[side], seq_lens[side], path
-            )
+            packed[side], truncated[side] = _pack(seqs[side], side, vocab_sizes[side],
+                                                  seq_lens[side], path)
     return Request(mode, encoder, packed[0], packed[1], media, seq_lens, tuple(truncated))
 
 
@@ -636,11 +327,12 @@ def _pack(seqs: list[list[int]], side: int, vocab: int, cap: int, path: Callable
     try:
         return check_tokens(*flatten(seqs), vocab, cap)
     except TokenRangeError as e:  # the value from the request: flatten clamps ids beyond int64
-        raise _range_error(seqs[e.row][e.position], side, vocab,
-                           f"{path(e.row)}.{KEYS[side]}[{e.position}]") from None
+        raise range_error(seqs[e.row][e.position], side, vocab,
+                          f"{path(e.row)}.{KEYS[side]}[{e.position}]") from None
 
 
-def _range_error(token: int, side: int, vocab: int, path: str) -> WireError:
+def range_error(token: int, side: int, vocab: int, path: str) -> WireError:
+    """The 400 for a token id outside [0, vocab) of encoder ``side`` (npz words it the same)."""
     expected = f"an integer in [0, {vocab - 1}] (enc{side}_vocab_size={vocab})"
     return WireError(400, f"token id {token} is out of range; expected {expected}", path)
 
@@ -664,7 +356,7 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
         decimals; NaN and inf (a model bug) print as null in JSON, stay as they are in
         NPY, and are logged.
     """
-    media = NPY if media_type == NPY else _CANONICAL.get(media_type)
+    media = NPY if media_type == NPY else CANONICAL.get(media_type)
     if media is None:
         raise WireError(406, f"cannot encode a response as {media_type!r}; use {JSON}, "
                              f"{JSONLINES} or {NPY}")
@@ -680,10 +372,9 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
                     np.flatnonzero(bad.any(axis=1))[:5].tolist(),
                     "they are (.npy)" if media == NPY else "null")  # fmt: skip
     if media == NPY:
-        # The bytes np.save writes, with one copy of the data instead of its three.
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(x))
-        return b"".join([header.getvalue(), x.data])
+        from o2v_jax import npz  # npz builds on this module's types (no import cycle at load)
+
+        return npz.encode_npy(x)
     # orjson writes float32 arrays in C with the shortest float32 digits (Ryu), NaN and
     # inf as null; the rows are views, so no Python float is ever made.
     records = [{mode: row} for row in x]
@@ -692,16 +383,23 @@ def encode_response(mode: str, values: np.ndarray, media_type: str) -> bytes:
     return b"".join([orjson.dumps(r, option=_LINE) for r in records])
 
 
-def npy_rows(body: bytes) -> int:
-    """The row count of an NPY response body, read from its header alone."""
-    f = io.BytesIO(body)
-    version = np.lib.format.read_magic(f)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
-    shape, _, _ = read(f)
-    return int(shape[0])
-
-
 def encode_lines(mode: str, values: np.ndarray) -> bytes:
     """JSON Lines records for batch transform: one ``{"<mode>": [...]}`` per row, each + newline."""
     return encode_response(mode, values, JSONLINES)
+
+
+def count_records(body: bytes, media_type: str) -> int:
+    """Records in a body :func:`encode_response` wrote (the server's access log counts them).
+
+    Compact JSON ``{"predictions":[{"scores":[...]},...]}`` has one ``{"`` per record plus
+    the outer one; JSON Lines has one line per record; a .npy body has one row per
+    record, which its header gives.
+    """
+    media = media_type.partition(";")[0].strip().lower()
+    if media == JSON:
+        return body.count(b'{"') - 1
+    if media == NPY:
+        from o2v_jax import npz  # npz builds on this module's types (no import cycle at load)
+
+        return npz.npy_rows(body)
+    return body.count(b"\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from o2v_jax.buckets import batches, count_batches, length_ladder, pad_sequences, prefetch
+from o2v_jax.buckets import batch_plan, batches, count_batches, length_ladder, pad_sequences, prefetch
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import PairData
 from o2v_jax.ragged import Ragged
@@ -40,6 +40,17 @@ def test_default_ladder_stays_short():
     assert len(length_ladder(5000, 0)) == 11  # 8 .. 4096, then 5000
     with pytest.raises(ValueError):
         length_ladder(0, 0)
+
+
+@pytest.mark.parametrize("n, sizes, expected", [
+    (0, (1, 8, 64), []), (1, (1, 8, 64), [1]), (5, (1, 8, 64), [8]), (3, (1, 8, 64), [1, 1, 1]),
+    (65, (1, 8, 64), [64, 1]), (200, (1, 8, 64), [64, 64, 64, 8]), (100, (1, 8, 64), [64, 64]),
+    (3, (4, 16), [4]),
+])
+def test_batch_plan(n, sizes, expected):
+    plan = batch_plan(n, sizes)
+    assert plan == expected and sum(plan) >= n
+    assert all(b in sizes for b in plan)
 
 
 def test_pad_sequences():

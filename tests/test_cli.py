@@ -1,14 +1,16 @@
-"""The `o2v` command line: train (plain and SageMaker layout), evaluate, errors."""
+"""The `o2v` command line: train (plain and SageMaker layout), evaluate, serve and
+transform flags, and the errors main() reports."""
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 
 import pytest
 from conftest import group_pairs, tiny_hp, write_jsonl
 
-from o2v_jax.cli import main
+from o2v_jax.cli import build_parser, main
 
 
 def test_sagemaker_layout_train_and_evaluate(tmp_path, capsys):
@@ -70,3 +72,143 @@ def test_train_without_flags_uses_sagemaker_layout(tmp_path, capsys):
     write_jsonl(root / "input" / "data" / "train" / "a.jsonl", group_pairs(32, 0))
     assert main(["train", "--ml-root", str(root), "--no-progress"]) == 0
     assert (root / "model" / "model.json").is_file()
+
+
+# A child process whose stdout is a pipe, as in a SageMaker container: after epoch 0 is
+# checkpointed it says so on stderr and waits for a line on stdin. Whatever epoch 0 wrote
+# to stdout must already be in the pipe then; nothing here waits for time to pass.
+GATED_CHILD = """
+import json, sys
+from o2v_jax import checkpoint
+
+save, waited = checkpoint.save_training_state, []
+
+def save_then_wait(*args, **kwargs):
+    save(*args, **kwargs)
+    if not waited:
+        waited.append(True)
+        sys.stderr.write("GATE\\n")
+        sys.stderr.flush()
+        sys.stdin.readline()
+
+checkpoint.save_training_state = save_then_wait
+if sys.argv[1] == "cli":
+    from o2v_jax.cli import main
+    sys.exit(main(sys.argv[2:]))
+from o2v_jax.config import load_hyperparameters
+from o2v_jax.data import read_channel
+from o2v_jax.train import train
+config = load_hyperparameters(sys.argv[3], [])
+train(config, read_channel(sys.argv[2], config), model_dir=sys.argv[4], progress=False)
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "library"])
+def test_metric_lines_reach_a_pipe_as_each_epoch_ends(tmp_path, entry):
+    import os
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    train_path = write_jsonl(tmp_path / "train.jsonl", group_pairs(64, 0, max_len=4))
+    hp_file = tmp_path / "hp.json"
+    hp_file.write_text(json.dumps(tiny_hp(epochs=3)))
+    model_dir = tmp_path / "m"
+    args = (["cli", "train", "--train", str(train_path), "--hyperparameters", str(hp_file),
+             "--model-dir", str(model_dir)] if entry == "cli"
+            else ["library", str(train_path), str(hp_file), str(model_dir)])
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env.pop("PYTHONUNBUFFERED", None)
+    child = subprocess.Popen([sys.executable, "-c", GATED_CHILD, *args], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=env)
+    watchdog = threading.Timer(600, child.kill)  # only a hung child ever meets it
+    watchdog.start()
+    try:
+        err = b""
+        for line in child.stderr:
+            err += line
+            if line == b"GATE\n":
+                break
+        else:
+            pytest.fail(f"the child ended before epoch 0 was saved:\n{err.decode()}")
+        assert child.poll() is None  # waiting on stdin: still mid-run
+        os.set_blocking(child.stdout.fileno(), False)
+        early = b""
+        while True:  # what the pipe holds now, without waiting for more
+            try:
+                chunk = os.read(child.stdout.fileno(), 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            early += chunk
+        os.set_blocking(child.stdout.fileno(), True)
+        lines = early.decode().splitlines()
+        assert [line.split(",")[0] for line in lines] == [
+            "#quality_metric: host=algo-1", "#quality_metric: host=algo-1",
+            "#progress_metric: host=algo-1", "#throughput_metric: host=algo-1"], lines
+        assert all("epoch=0" in line for line in lines[:2])
+        rest, err = child.communicate(b"go\n")
+    finally:
+        watchdog.cancel()
+        child.kill()
+    assert child.returncode == 0, err.decode()
+    assert "epoch=2, train accuracy" in rest.decode()
+
+
+# --------------------------------------------------------------------------- serve and transform
+
+
+def test_serve_help_says_where_it_binds_and_errors_exit_as_before(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 127.0.0.1, this machine only" in text and "0.0.0.0" in text
+    assert all(t in text for t in ("application/json", "application/jsonlines",
+                                   "application/x-npz", "application/x-npy"))
+    # Bad settings and a missing model directory: exit 2, one line naming the problem.
+    assert main(["serve", "--model-dir", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"o2v serve: error: model directory {tmp_path / 'missing'} does not exist"
+    assert main(["serve", "--model-dir", str(tmp_path), "--max-body-mb", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "o2v serve: error: max_body_mb (--max-body-mb, SAGEMAKER_MAX_PAYLOAD_IN_MB) must be in [1, 100], got 0"
+    monkeypatch.setenv("SAGEMAKER_BATCH_STRATEGY", "ALL")
+    assert main(["serve", "--sagemaker", "--model-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "o2v serve: error: SAGEMAKER_BATCH_STRATEGY='ALL'" in err and "Traceback" not in err
+    assert not (tmp_path / "output").exists()  # no SageMaker failure file: that is for training jobs
+
+
+def test_serve_on_a_taken_port_exits_1(tmp_path, capsys):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", "--model-dir", str(tmp_path), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"o2v serve: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+@pytest.mark.parametrize("spelling, strategy", [
+    ("MultiRecord", "MultiRecord"), ("multi_record", "MultiRecord"), ("MULTI_RECORD", "MultiRecord"),
+    ("SingleRecord", "SingleRecord"), ("singlerecord", "SingleRecord"), ("SINGLE_RECORD", "SingleRecord")])
+def test_transform_strategy_takes_every_sagemaker_spelling(spelling, strategy):
+    argv = ["transform", "--model-dir", "m", "--input", "i", "--output", "o"]
+    assert build_parser().parse_args(argv).strategy == "MultiRecord"
+    assert build_parser().parse_args([*argv, "--strategy", spelling]).strategy == strategy
+
+
+def test_transform_errors_exit_2_with_one_line(tmp_path, capsys):
+    argv = ["transform", "--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--model-dir", str(tmp_path), "--strategy", "Batch"])
+    assert e.value.code == 2
+    assert "argument --strategy: invalid choice: 'Batch'" in capsys.readouterr().err
+    assert main([*argv, "--model-dir", str(tmp_path / "nomodel")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"o2v transform: error: {tmp_path / 'nomodel'}: model directory not found"

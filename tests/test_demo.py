@@ -3,7 +3,6 @@ on a tiny synthetic u.data (--quick, no network)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from o2v_jax import demo
+from o2v_jax.cli import main
 from o2v_jax.config import from_hyperparameters
 
 
@@ -31,10 +31,6 @@ def write_udata(path: Path, users: int = 30, per_user: int = 25, items: int = 40
     return path
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="o2v")
-    demo.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["demo", *argv])
 
 
 def test_demo_end_to_end_quick(tmp_path, capsys):
@@ -42,8 +38,7 @@ def test_demo_end_to_end_quick(tmp_path, capsys):
 
     source = write_udata(tmp_path / "u.data")
     out = tmp_path / "out"
-    args = parse_args(["--quick", "--from", str(source), "--out", str(out), "--no-progress"])
-    assert args.func(args) == 0
+    assert main(["demo", "--quick", "--from", str(source), "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
 
     # RMSE next to both baselines, as numbers.

@@ -41,6 +41,17 @@ def test_preferred_mode():
         env.preferred_mode({"INFERENCE_PREFERRED_MODE": "gpu"})
 
 
+def test_resolve_preferred_mode_argument_then_environment_then_default():
+    assert env.resolve_preferred_mode(" Embedding ", {"INFERENCE_PREFERRED_MODE": "classification"}) == "embedding"
+    assert env.resolve_preferred_mode(None, {"INFERENCE_PREFERRED_MODE": "EMBEDDING"}) == "embedding"
+    assert env.resolve_preferred_mode(None, {}) == env.DEFAULT_PREFERRED_MODE == "classification"
+    with pytest.raises(ValueError, match=r"preferred_mode='scores' is invalid; expected one of "
+                                         r"classification, embedding \(spec §5.6\)"):
+        env.resolve_preferred_mode("scores", {})
+    with pytest.raises(ValueError, match="INFERENCE_PREFERRED_MODE='gpu'"):
+        env.resolve_preferred_mode(None, {"INFERENCE_PREFERRED_MODE": "gpu"})
+
+
 def test_cache_dir_resolution(tmp_path, monkeypatch):
     assert env.cache_dir({"O2V_CACHE_DIR": str(tmp_path / "x"), "XDG_CACHE_HOME": "/y"}) == tmp_path / "x"
     assert env.cache_dir({"XDG_CACHE_HOME": str(tmp_path / "xdg")}) == tmp_path / "xdg" / "o2v-jax"

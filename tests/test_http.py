@@ -1,8 +1,10 @@
-"""The HTTP server: the pure app, settings, and the transport over real sockets.
+"""The HTTP transport over real sockets, and serve() in a process: framing, limits,
+timeouts, keep-alive, JSON error bodies, the access log, draining shutdown.
 
-Most tests use FakePredictor (decoding and encoding through wire.py, values computed from
-the tokens), so they check the server without compiling anything; one end-to-end test
-serves a real tiny model. Every socket has a timeout, so a hang fails instead of blocking.
+Most tests use FakePredictor (tests/fake_model.py: the real request path, values
+computed from the tokens), so they check the server without compiling anything; one
+end-to-end test serves a real tiny model. Every socket has a timeout, so a hang fails
+instead of blocking.
 
 Ordering comes from events (a gated FakePredictor, a predictor's call list, a server's
 log line, a refused connect), never from sleeps; the only time bounds are hang guards
@@ -11,7 +13,6 @@ log line, a refused connect), never from sleeps; the only time bounds are hang g
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import io
@@ -32,90 +33,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import group_pairs, tiny_hp, write_jsonl
+from fake_model import EMBED, HANG, PAIRS, VOCAB, FakePredictor, assert_values, wait_until
 
-from o2v_jax import server, wire
-from o2v_jax.server import App, Batcher, Server, Settings
+from o2v_jax import wire
+from o2v_jax.app import App, Settings
+from o2v_jax.batcher import Batcher
+from o2v_jax.http import Server, load_predictor
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB, MAX_LEN = 40, 8
-HANG = 30.0  # seconds: only a hang takes this long
-
-
-def wait_until(condition, what: str, timeout: float = HANG):
-    """Poll ``condition()`` until it is true; fail (naming ``what``) after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
-    return value
-
-
-class FakePredictor:
-    """A predictor with the real one's ``invoke``/``answer`` (through wire.py).
-
-    Values come from the tokens: scores [sum(in0) / 100, len(in1)]; embeddings
-    [first id, length, sum]. ``gate``: an Event each call waits for (to hold requests in
-    flight); ``delay``: seconds each call sleeps. ``calls``: (records, thread id) per
-    ``answer`` call.
-    """
-
-    vocab_sizes, max_seq_lens = (VOCAB, VOCAB), (MAX_LEN, MAX_LEN)
-
-    def __init__(self, gate: threading.Event | None = None, fail: bool = False, delay: float = 0.0):
-        self.gate, self.fail, self.delay, self.calls = gate, fail, delay, []
-
-    def answer(self, req):
-        self.calls.append((len(req), threading.get_ident()))
-        if self.gate is not None:
-            assert self.gate.wait(HANG)
-        time.sleep(self.delay)
-        if self.fail:
-            raise RuntimeError("secret internal detail")
-        return expected(req.in0, req.in1)
-
-    def invoke(self, body, content_type, accept, *, answer=None):
-        req = wire.decode_request(body, content_type, vocab_sizes=self.vocab_sizes, max_seq_lens=self.max_seq_lens)
-        media = wire.negotiate(accept, req.media_type)
-        return wire.encode_response(req.mode, (answer or self.answer)(req), media), media
-
-
-def _stats(r):
-    starts = r.offsets[:-1]
-    first, sums = r.tokens[starts], np.add.reduceat(r.tokens, starts)
-    return first.astype(np.float32), r.lengths.astype(np.float32), sums.astype(np.float32)
-
-
-def expected(in0, in1) -> np.ndarray:
-    """FakePredictor's values for Ragged inputs (either may be None)."""
-    if in0 is not None and in1 is not None:
-        return np.stack([_stats(in0)[2] / 100, _stats(in1)[1]], axis=1)
-    return np.stack(_stats(in0 if in0 is not None else in1), axis=1)
-
-
-def expected_values(records: list[dict]) -> np.ndarray:
-    """FakePredictor's values for records given as dicts: float32 (N, K)."""
-    rows = []
-    for r in records:
-        if "in0" in r and "in1" in r:
-            rows.append([np.float32(sum(r["in0"])) / np.float32(100), len(r["in1"])])
-        else:
-            s = r.get("in0", r.get("in1"))
-            rows.append([s[0], len(s), sum(s)])
-    return np.array(rows, np.float32)
-
-
-def assert_values(values: list[list[float]], records: list[dict]) -> None:
-    """Values read back from JSON equal the float32 values exactly (shortest round-trip decimals)."""
-    np.testing.assert_array_equal(np.array(values, np.float32), expected_values(records))
 
 
 def settings(**overrides) -> Settings:
-    return Settings(model_dir=Path("unused"), port=0, **overrides)
+    """Test settings: a free port, and no dynamic batching unless asked for (the tests
+    that count predictor calls hold one call per request)."""
+    return Settings(model_dir=Path("unused"), port=0, **{"batching": False, **overrides})
 
 
 @contextlib.contextmanager
 def serving(predictor=None, **overrides):
-    """A started Server on 127.0.0.1 with an ephemeral port; yields (app, port)."""
+    """A started Server on 127.0.0.1 with an ephemeral port, its App ready with
+    ``predictor`` (if given); yields (app, port)."""
     s = settings(**overrides)
     app = App(s)
     if predictor is not None:
@@ -173,189 +110,13 @@ def assert_json_error(status, headers, body, want_status, path=None, match=""):
     return err
 
 
-PAIRS = [{"in0": [1, 2, 3], "in1": [4, 5]}, {"in0": [39], "in1": [7, 8, 9, 10]}]
-EMBED = [{"in1": [5, 6]}, {"in1": [12]}, {"in1": [1, 1, 1, 1]}]
-
-
-# --------------------------------------------------------------------------- the app, no sockets
-
-
-def test_app_ping_before_and_after_ready_and_execution_parameters():
-    app = App(settings(threads=3, max_body_mb=20, batch_strategy="SINGLE_RECORD"))
-    status, headers, body = app.handle("GET", "/ping", {}, b"")
-    assert status == 503 and ("Retry-After", "1") in headers
-    assert json.loads(body) == {"error": "the model is still loading", "path": None}
-    assert app.handle("POST", "/invocations", {}, b"{}")[0] == 503
-    app.ready(FakePredictor())
-    assert app.handle("GET", "/ping", {}, b"") == (200, (), b"")
-    assert app.handle("GET", "/ping?probe=1", {}, b"")[0] == 200
-    status, headers, body = app.handle("GET", "/execution-parameters", {}, b"")
-    assert status == 200 and dict(headers)["Content-Type"] == "application/json"
-    assert json.loads(body) == {"MaxConcurrentTransforms": 3, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 20}
-    # SageMaker refuses MaxConcurrentTransforms x MaxPayloadInMB > 100: the answer respects it.
-    app = App(settings(threads=16, max_body_mb=30))
-    params = json.loads(app.handle("GET", "/execution-parameters", {}, b"")[2])
-    assert (params["MaxConcurrentTransforms"], params["MaxPayloadInMB"]) == (3, 30)
-
-
-def test_app_routes_404_405_and_invocations():
-    app = App(settings())
-    app.ready(FakePredictor())
-    status, headers, body = app.handle("GET", "/nope", {}, b"")
-    assert status == 404 and "/invocations" in json.loads(body)["error"]
-    status, headers, body = app.handle("GET", "/invocations", {}, b"")
-    assert status == 405 and dict(headers)["Allow"] == "POST"
-    assert app.handle("DELETE", "/ping", {}, b"")[1][-1] == ("Allow", "GET, HEAD")
-    # Header names in any case; the Accept header picks JSON Lines.
-    body = "\n".join(json.dumps(r) for r in EMBED).encode()
-    status, headers, out = app.handle("POST", "/invocations", {"content-TYPE": "application/jsonlines",
-                                                             "ACCEPT": "application/jsonlines"}, body)
-    assert status == 200 and headers == (("Content-Type", "application/jsonlines"),)
-    assert_values([json.loads(line)["embeddings"] for line in out.splitlines()], EMBED)
-    assert server.count_records(out, "application/jsonlines") == 3
-
-
-def test_app_wire_errors_carry_status_and_record_path():
-    app = App(settings())
-    app.ready(FakePredictor())
-    bad = json.dumps({"instances": [{"in0": [1, 2]}, {"in0": [3, "x"]}]}).encode()
-    status, headers, body = app.handle("POST", "/invocations", {"Content-Type": "application/json"}, bad)
-    err = json.loads(body)
-    assert status == 400 and err["path"] == "$.instances[1].in0[1]" and "integer token id" in err["error"]
-    assert app.handle("POST", "/invocations", {"Content-Type": "text/csv"}, b"1,2")[0] == 415
-    ok = json.dumps({"instances": EMBED}).encode()
-    assert app.handle("POST", "/invocations", {"Accept": "text/html"}, ok)[0] == 406
-
-
-def test_app_unexpected_error_is_500_without_details(caplog):
-    app = App(settings())
-    app.ready(FakePredictor(fail=True))
-    with caplog.at_level(logging.ERROR, logger="o2v_jax"):
-        status, _, body = app.handle("POST", "/invocations", {}, json.dumps({"instances": EMBED}).encode())
-    assert status == 500
-    assert json.loads(body) == {"error": server._GENERIC_500, "path": None}
-    assert b"secret" not in body and b"Traceback" not in body
-    assert "secret internal detail" in caplog.text  # the traceback goes to the log
-
-
-def test_app_bounds_concurrent_inferences():
-    gate = threading.Event()
-    fake = FakePredictor(gate=gate)
-    app = App(settings(threads=1, queue_timeout=0.2))
-    app.ready(fake)
-    body = json.dumps({"instances": EMBED}).encode()
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(app.handle, "POST", "/invocations", {}, body)
-        wait_until(lambda: fake.calls, "the first request holds the only slot")
-        t0 = time.monotonic()
-        status, headers, out = app.handle("POST", "/invocations", {}, body)
-        waited = time.monotonic() - t0
-        gate.set()
-        assert first.result(HANG)[0] == 200
-    # Refused only after waiting queue_timeout for a slot (a lower bound: never flaky).
-    assert status == 503 and ("Retry-After", "1") in headers and waited >= 0.2
-    assert "inference slots" in json.loads(out)["error"]
-    assert app.handle("POST", "/invocations", {}, body)[0] == 200  # the slot was released
-
-
-# --------------------------------------------------------------------------- dynamic batching
-
-
-def decoded(records: list[dict]) -> wire.Request:
-    body = json.dumps({"instances": records}).encode()
-    return wire.decode_request(body, None, vocab_sizes=(VOCAB, VOCAB), max_seq_lens=(MAX_LEN, MAX_LEN))
-
-
-def test_batcher_runs_a_lone_request_at_once_on_its_own_thread():
-    fake = FakePredictor()
-    batcher = Batcher(fake)
-    np.testing.assert_array_equal(batcher.answer(decoded(PAIRS)), expected_values(PAIRS))
-    assert fake.calls == [(2, threading.get_ident())]
-    out, media = batcher.invoke(json.dumps({"instances": EMBED}).encode(), None, "application/jsonlines")
-    assert media == "application/jsonlines"
-    assert_values([json.loads(line)["embeddings"] for line in out.splitlines()], EMBED)
-
-
-def test_batcher_merges_waiting_requests_by_kind_and_splits_the_answers():
-    gate = threading.Event()
-    fake = FakePredictor(gate=gate)
-    batcher = Batcher(fake, max_records=256)
-    kinds = [PAIRS, EMBED, [{"in0": [3, 4]}], PAIRS[::-1], [{"in0": [9]}, {"in0": [1, 2, 8]}], EMBED[:1]]
-    with ThreadPoolExecutor(len(kinds) + 1) as pool:
-        first = pool.submit(batcher.answer, decoded(PAIRS))  # holds the predictor
-        wait_until(lambda: fake.calls, "the first request is in the predictor")
-        waiting = [pool.submit(batcher.answer, decoded(r)) for r in kinds]
-        wait_until(lambda: len(batcher._queue) == len(kinds), "all are queued behind the running call")
-        gate.set()
-        np.testing.assert_array_equal(first.result(HANG), expected_values(PAIRS))
-        for records, future in zip(kinds, waiting):
-            np.testing.assert_array_equal(future.result(HANG), expected_values(records))
-    # One call for the first request, then one per kind (scores, in1, in0) for the other six.
-    assert sorted(n for n, _ in fake.calls) == [2, 3, 4, 4]
-
-
-def test_batcher_failure_reaches_every_merged_request_and_big_requests_bypass():
-    fake = FakePredictor(fail=True)
-    with pytest.raises(RuntimeError, match="batched predictor call failed") as e:
-        Batcher(fake).answer(decoded(EMBED))
-    assert "secret internal detail" in str(e.value.__cause__)
-    fake = FakePredictor()
-    batcher = Batcher(fake, max_records=3)
-    np.testing.assert_array_equal(batcher.answer(decoded(EMBED)), expected_values(EMBED))
-    assert not batcher._busy and not batcher._queue
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def parse_serve(argv):
-    parser = argparse.ArgumentParser(prog="o2v")
-    sub = parser.add_subparsers(dest="command")
-    server.add_parser(sub)
-    return parser.parse_args(["serve", *argv]), parser
-
-
-def resolve(argv, environ) -> Settings:
-    return server.resolve_settings(parse_serve(argv)[0], environ)
-
-
-def test_resolve_settings_sagemaker_mode_and_precedence():
-    env = {"SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20",
-           "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "8", "INFERENCE_PREFERRED_MODE": "embedding"}
-    # `docker run IMAGE serve` runs `o2v serve` with no flags: SageMaker container mode.
-    s = resolve([], env)
-    assert (s.sagemaker, s.model_dir, s.host, s.port, s.threads, s.max_body_mb, s.preferred_mode) == \
-        (True, Path("/opt/ml/model"), "0.0.0.0", 9090, 8, 20, "embedding")
-    s = resolve(["--sagemaker", "--model-dir", "m", "--port", "1234", "--threads", "2"], env)
-    assert (s.model_dir, s.host, s.port, s.threads, s.max_body_mb) == (Path("m"), "0.0.0.0", 1234, 2, 20)
-    # Without SageMaker mode: local defaults, SAGEMAKER_* ignored, INFERENCE_PREFERRED_MODE honoured.
-    s = resolve(["--model-dir", "m"], env)
-    assert (s.sagemaker, s.host, s.port, s.threads, s.max_body_mb, s.preferred_mode) == \
-        (False, "127.0.0.1", 8080, Settings.threads, 6, "embedding")
-    assert s.batching is True
-    s = resolve(["--model-dir", "m", "--preferred-mode", "classification",
-                                             "--timeout", "2.5", "--max-connections", "9", "--no-batching"], env)
-    assert (s.preferred_mode, s.read_timeout, s.max_connections, s.batching) == ("classification", 2.5, 9, False)
-    with pytest.raises(ValueError, match=r"max_body_mb .*--max-body-mb.* \[1, 100\], got 101"):
-        resolve(["--model-dir", "m", "--max-body-mb", "101"], {})
-    with pytest.raises(ValueError, match="threads"):
-        Settings(model_dir=Path("m"), threads=0)
-
-
-def test_help_says_where_it_binds_and_run_checks_the_model_dir(tmp_path, capsys):
-    _, parser = parse_serve([])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["serve", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "default 127.0.0.1, this machine only" in text and "0.0.0.0" in text
-    assert all(t in text for t in ("application/json", "application/jsonlines",
-                                   "application/x-npz", "application/x-npy"))
-    args, _ = parse_serve(["--model-dir", str(tmp_path / "missing")])
-    assert server.run(args) == 2
-    assert "model directory" in capsys.readouterr().err
-    args, _ = parse_serve(["--model-dir", str(tmp_path), "--max-body-mb", "0"])
-    assert server.run(args) == 2
-    assert "max_body_mb" in capsys.readouterr().err
+def test_the_serving_modules_do_not_import_jax():
+    # /ping must answer while the model loads: binding and answering need no jax.
+    code = ("import sys, o2v_jax.http, o2v_jax.app, o2v_jax.batcher, o2v_jax.wire, o2v_jax.npz; "
+            "sys.exit(sorted({'jax', 'flax'} & set(sys.modules)) or 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
 
 
 # --------------------------------------------------------------------------- over sockets
@@ -402,7 +163,7 @@ def test_invocations_formats_on_one_keep_alive_connection(content_type, accept, 
             elif want_type == "application/x-npy":  # the float32 array itself
                 values = np.load(io.BytesIO(out), allow_pickle=False)
                 assert values.dtype == np.float32
-                assert server.count_records(out, want_type) == len(records)
+                assert wire.count_records(out, want_type) == len(records)
             else:
                 values = [json.loads(line)[key] for line in out.decode().splitlines()]
             assert_values(values, records)
@@ -694,7 +455,7 @@ def test_connection_cap_refuses_with_503():
 def test_many_concurrent_clients_get_complete_correct_answers(batching):
     rng = np.random.default_rng(0)
     fake = FakePredictor(delay=0.002)  # calls take time, so requests queue behind them
-    with serving(Batcher(fake) if batching else fake, threads=8, queue_timeout=30) as (_, port):
+    with serving(fake, batching=batching, threads=8, queue_timeout=30) as (_, port):
 
         def client(seed: int) -> int:
             r = np.random.default_rng(seed)
@@ -797,11 +558,13 @@ def test_stop_gives_up_after_the_drain_timeout_and_says_so(caplog):
 
 SLOW_SERVER = textwrap.dedent("""
     # A server process driven by files in its working directory: its "model" loads once
-    # `load` exists; its invoke logs "invoked" and answers once `release` exists (a hang
+    # `load` exists; its embed logs "invoked" and answers once `release` exists (a hang
     # guard of 60 s aside). The tests hold a request in flight with it.
     import logging, sys, time
     from pathlib import Path
-    from o2v_jax import server
+    import numpy as np
+    from o2v_jax.app import Settings
+    from o2v_jax.http import serve
 
     def wait_for(name):
         deadline = time.monotonic() + 60
@@ -809,19 +572,23 @@ SLOW_SERVER = textwrap.dedent("""
             time.sleep(0.01)
 
     class Slow:
-        def invoke(self, body, content_type, accept):
+        vocab_sizes, max_seq_lens = (10, 10), (8, 8)
+
+        def embed(self, sequences, encoder="in0"):
             logging.getLogger("o2v_jax").info("invoked")
             wait_for("release")
-            return b'{"released":true}', "application/json"
+            return np.ones((len(sequences), 1), np.float32)
 
     def load(settings):
         wait_for("load")
         return Slow()
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    settings = server.Settings(model_dir=Path("."), port=0, drain_timeout=float(sys.argv[1]))
-    sys.exit(server.serve(settings, load=load))
+    settings = Settings(model_dir=Path("."), port=0, drain_timeout=float(sys.argv[1]))
+    sys.exit(serve(settings, load=load))
 """)
+RELEASED = b'{"predictions":[{"embeddings":[1.0]}]}'  # Slow's answer to SLOW_REQUEST
+SLOW_REQUEST = b'{"instances": [{"in0": [1, 2]}]}'
 
 
 class SlowServer:
@@ -872,7 +639,7 @@ def slow_server(workdir: Path, drain_timeout: float):
         srv.touch("load")
         wait_until(lambda: call(srv.port, "GET", "/ping")[0] == 200, "the model is loaded")
         with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(call, srv.port, "POST", "/invocations", b"{}")
+            in_flight = pool.submit(call, srv.port, "POST", "/invocations", SLOW_REQUEST)
             srv.wait_for_line("invoked")
             yield srv, in_flight
     finally:
@@ -888,7 +655,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tmp_path):
         assert not in_flight.done()
         srv.touch("release")
         status, headers, body = in_flight.result(HANG)
-        assert (status, body) == (200, b'{"released":true}') and headers["connection"] == "close"
+        assert (status, body) == (200, RELEASED) and headers["connection"] == "close"
         assert srv.proc.wait(HANG) == 0
         srv.wait_for_line("server stopped")
         assert not any("still in flight" in x for x in srv.lines)
@@ -927,15 +694,15 @@ def test_end_to_end_with_a_real_tiny_model(tmp_path):
     loaded = []
     try:
         assert call(port, "GET", "/ping")[0] == 503
-        loader = threading.Thread(target=lambda: loaded.append(server.load_predictor(s)))
+        loader = threading.Thread(target=lambda: loaded.append(load_predictor(s)))
         loader.start()
         while loader.is_alive():  # /ping stays 503 until the model is loaded and warm
             assert call(port, "GET", "/ping")[0] == 503
             loader.join(0.2)
         app.ready(loaded[0])
         assert call(port, "GET", "/ping")[:3:2] == (200, b"")
-        assert isinstance(loaded[0], Batcher)  # dynamic batching is on by default
-        local = loaded[0].predictor  # what HTTP answers must equal: the same predictor in-process
+        assert isinstance(app.batcher, Batcher)  # dynamic batching is on by default
+        local = loaded[0]  # what HTTP answers must equal: the same predictor in-process
         pairs = [{"in0": [1, 2, 3], "in1": [4, 5]}, {"in0": [30, 31], "in1": [2]}]
         status, h, out = call(port, "POST", "/invocations", json.dumps({"instances": pairs}),
                               {"Content-Type": "application/json"})
