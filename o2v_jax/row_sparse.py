@@ -302,7 +302,7 @@ class LazyUpdate:
     Batch on an accelerator (whose rows are then found in the step).
 
     Attributes:
-      loss: train.PairLoss: ``loss(params, batch, key)`` and
+      loss: objectives.PairLoss: ``loss(params, batch, key)`` and
         ``loss.from_encodings(params, u, v, batch, key)``, both -> (loss, sums).
       tx: the optax optimizer; keep: table group -> float32 (V, 1) update mask (0 =
       frozen row); tied, vocab, pooled: from the config; layout: "cpu" or "accelerator".

@@ -1,5 +1,6 @@
-"""Training: the objective, optimizers, jitted steps over (state, batch, key), the epoch
-loop with SageMaker's early stopping and metric lines, checkpoints and resume.
+"""Training: optimizers, jitted steps over (state, batch, key), the epoch loop,
+checkpoints and resume. The loss is :mod:`o2v_jax.objectives`; the metric lines and early
+stopping are :mod:`o2v_jax.metrics`.
 
 Data flow: ``PairData`` -> ``buckets.batches`` (fixed shapes) -> ``train_step`` (jitted,
 compiled once per bucket shape) -> per-epoch metrics -> early stopping -> best params ->
@@ -28,8 +29,10 @@ from o2v_jax.buckets import Batch, batches, prefetch
 from o2v_jax.config import Config
 from o2v_jax.data import PairData
 from o2v_jax.kernels import check_layout, default_layout
-from o2v_jax.model import (Object2Vec, abstract_model, join_tables, merge_params, nnx_rngs,
-                           split_params, split_tables, table_group)
+from o2v_jax.metrics import EarlyStopping, quality_line
+from o2v_jax.model import (Object2Vec, abstract_model, join_tables, nnx_rngs, split_params,
+                           split_tables, table_group)
+from o2v_jax.objectives import PairLoss, finish_metrics
 from o2v_jax.pretrained import Pretrained
 from o2v_jax.sampling import negative_pairs
 
@@ -59,43 +62,6 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return base
 
 
-# --------------------------------------------------------------------------- objective
-
-def objective(output: jax.Array, labels: jax.Array, weights: jax.Array, regression: bool):
-    """Masked loss and metric sums for one batch.
-
-    Args:
-      output: float32 (B, C) logits, or (B, 1) predictions for regression.
-      labels: float32 (B,) class index or target value.
-      weights: float32 (B,) 1 for real rows, 0 for fill rows (never counted).
-
-    Returns:
-      (loss, sums): the mean loss over real rows (what is differentiated) and a dict of
-      sums over real rows: ``loss`` (cross-entropy or squared error), ``correct``, ``count``.
-    """
-    count = weights.sum()
-    if regression:
-        err = output[:, 0] - labels
-        sq = err * err
-        # MXNet's LinearRegressionOutput back-propagates (pred - label): the gradient of
-        # 0.5 * err^2. The reported metric is the plain mean squared error.
-        loss = 0.5 * (sq * weights).sum() / jnp.maximum(count, 1.0)
-        return loss, {"loss": (sq * weights).sum(), "correct": jnp.zeros(()), "count": count}
-    ce = optax.softmax_cross_entropy_with_integer_labels(output, labels.astype(jnp.int32))
-    correct = (jnp.argmax(output, axis=-1) == labels.astype(jnp.int32)).astype(jnp.float32)
-    loss = (ce * weights).sum() / jnp.maximum(count, 1.0)
-    return loss, {"loss": (ce * weights).sum(), "correct": (correct * weights).sum(), "count": count}
-
-
-def finish_metrics(sums: Mapping[str, float], regression: bool) -> dict[str, float]:
-    """Metric sums -> SageMaker's metric names."""
-    n = max(float(sums["count"]), 1.0)
-    if regression:
-        return {"mean_squared_error": float(sums["loss"]) / n}
-    ce = float(sums["loss"]) / n
-    return {"cross_entropy": ce, "accuracy": float(sums["correct"]) / n}
-
-
 # --------------------------------------------------------------------------- steps
 
 def init_opt_state(tx: optax.GradientTransformation, params: Params) -> dict[str, Any]:
@@ -113,33 +79,6 @@ class TrainState:
     params: Params
     opt_state: dict[str, Any]  # init_opt_state's structure
     step: jax.Array  # int32 (): the global step, folded into the step's dropout key
-
-
-@dataclasses.dataclass(frozen=True)
-class PairLoss:
-    """The masked objective of the model with parameters ``params`` on a batch."""
-
-    graphdef: Any  # the model's static structure (split_params)
-    regression: bool
-    layout: str  # the steps' code shape, which must be the model's
-
-    def model(self, params: Params) -> Object2Vec:
-        model = merge_params(self.graphdef, params)
-        if model.layout != self.layout:  # checked at trace time: free at run time
-            raise ValueError(f"the model was built for layout={model.layout!r} but the steps "
-                             f"for {self.layout!r}; pass the same layout to both")
-        return model
-
-    def __call__(self, params: Params, batch: Batch, key: jax.Array | None):
-        """(mean loss over real rows, metric sums); ``key=None``: no dropout."""
-        output, _ = self.model(params)(batch.in0, batch.in1, dropout_key=key)
-        return objective(output, batch.labels, batch.weights, self.regression)
-
-    def from_encodings(self, params: Params, u: jax.Array, v: jax.Array, batch: Batch,
-                       key: jax.Array | None):
-        """The same from the two (B, H) encodings on (model.from_encodings)."""
-        output, _ = self.model(params).from_encodings(u, v, dropout_key=key)
-        return objective(output, batch.labels, batch.weights, self.regression)
 
 
 def dense_update(loss: PairLoss, tx: optax.GradientTransformation,
@@ -240,48 +179,6 @@ def staged(batch_iter: Iterator[Batch], layout: str) -> Iterator[tuple[Batch, in
     if layout != "accelerator":
         return (stage_batch(batch, layout) for batch in batch_iter)
     return prefetch(batch_iter, depth=2, transform=lambda batch: stage_batch(batch, layout))
-
-
-# --------------------------------------------------------------------------- early stopping
-
-@dataclasses.dataclass
-class EarlyStopping:
-    """SageMaker's early stopping, reconstructed from its log (spec §4.8).
-
-    No check until ``patience`` epochs are done. Then an epoch is *good* only if its loss
-    is below the minimum of the previous ``patience`` losses by at least ``tolerance``; a
-    good epoch resets the bad count, a bad one increments it; training stops when the bad
-    count exceeds ``patience``. The best epoch is the one with the lowest loss.
-    """
-
-    patience: int
-    tolerance: float
-    losses: list[float] = dataclasses.field(default_factory=list)
-    bad: int = 0
-
-    def update(self, loss: float) -> bool:
-        """Record an epoch's validation loss; True when training should stop."""
-        if len(self.losses) >= self.patience:
-            window = self.losses[-self.patience:]
-            if min(window) - loss >= self.tolerance:
-                self.bad = 0
-            else:
-                self.bad += 1
-        self.losses.append(loss)
-        return self.bad > self.patience
-
-    @property
-    def best_epoch(self) -> int:
-        return int(np.argmin(self.losses))
-
-
-# --------------------------------------------------------------------------- metric lines
-
-def quality_line(host: str, channel: str, name: str, value: float, epoch: int | None = None) -> str:
-    """A ``#quality_metric`` line exactly as SageMaker's HPO regexes expect (spec §6.1)."""
-    kind = "score" if name == "accuracy" else "loss"
-    where = f"epoch={epoch}, " if epoch is not None else ""
-    return f"#quality_metric: host={host}, {where}{channel} {name} <{kind}>={value!r}"
 
 
 # --------------------------------------------------------------------------- the loop

@@ -43,6 +43,17 @@ def count_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+# SageMaker HPO's metric regexes for Object2Vec (spec §6.1), as its UI catalog gives them.
+HPO_REGEXES = {
+    "validation:accuracy": r"#quality_metric: host=\S+, epoch=\S+, validation accuracy <score>=(\S+)",
+    "validation:cross_entropy": r"#quality_metric: host=\S+, epoch=\S+, validation cross_entropy <loss>=(\S+)",
+    "test:accuracy": r"#quality_metric: host=\S+, test accuracy <score>=(\S+)",
+    "test:cross_entropy": r"#quality_metric: host=\S+, test cross_entropy <loss>=(\S+)",
+    "train:progress": r"#progress_metric: host=\S+, completed (\S+) %",
+    "train:throughput": r"#throughput_metric: host=\S+, train throughput=(\S+) records/second",
+}
+
+
 def tiny_hp(**overrides) -> dict:
     """A tiny hyperparameter map (fast compiles); overrides use SageMaker names."""
     return {**TINY, **{k: str(v) for k, v in overrides.items()}}

@@ -11,15 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_compiles, group_pairs, random_batch, run_steps, tiny_hp, write_jsonl
+from conftest import HPO_REGEXES, count_compiles, group_pairs, random_batch, run_steps, tiny_hp, write_jsonl
 
 from o2v_jax import checkpoint
 from o2v_jax.buckets import Batch, batches
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import read_channel
 from o2v_jax.pretrained import Pretrained
-from o2v_jax.train import (EarlyStopping, TrainState, build_steps, evaluate, evaluate_params,
-                           init_params, objective, quality_line, stage_batch, staged, train)
+from o2v_jax.train import (TrainState, build_steps, evaluate, evaluate_params, init_params, stage_batch,
+                           staged, train)
 
 
 def _emitted_epochs(lines: list[str]) -> list[int]:
@@ -30,33 +30,6 @@ def _emitted_epochs(lines: list[str]) -> list[int]:
 def _data(tmp_path, name, n, seed, config, regression=False):
     path = write_jsonl(tmp_path / f"{name}.jsonl", group_pairs(n, seed, regression=regression))
     return read_channel(path, config, name=name)
-
-
-# --------------------------------------------------------------------------- objective
-
-def test_objective_ignores_fill_rows():
-    logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]])
-    labels = jnp.array([0.0, 0.0, 1.0])
-    full, sums = objective(logits, labels, jnp.array([1.0, 1.0, 0.0]), regression=False)
-    alone, _ = objective(logits[:2], labels[:2], jnp.ones(2), regression=False)
-    assert float(full) == pytest.approx(float(alone))
-    assert float(sums["count"]) == 2.0 and float(sums["correct"]) == 1.0
-
-
-def test_objective_regression_reports_plain_mse():
-    out = jnp.array([[1.0], [3.0]])
-    _, sums = objective(out, jnp.array([0.0, 1.0]), jnp.ones(2), regression=True)
-    assert float(sums["loss"]) / float(sums["count"]) == pytest.approx((1 + 4) / 2)
-
-
-def test_objective_never_counts_fill_rows_as_correct():
-    # Fill rows are labelled 0 (buckets._make_batch); here the model predicts 0 for them,
-    # so a metric that forgot their weights would count them as correct.
-    logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [3.0, -3.0], [4.0, -4.0], [5.0, -5.0]])
-    labels = jnp.array([0.0, 0.0, 0.0, 0.0, 0.0])
-    weights = jnp.array([1.0, 1.0, 0.0, 0.0, 0.0])
-    _, sums = objective(logits, labels, weights, regression=False)
-    assert (float(sums["correct"]), float(sums["count"])) == (1.0, 2.0)
 
 
 @pytest.mark.parametrize("storage", ["dense", "row_sparse"])
@@ -86,45 +59,6 @@ def test_accuracy_counts_real_rows_only_when_fill_rows_are_predicted_right(tmp_p
         count += float(sums["count"])
     assert fill > 0
     assert (correct, count) == (zeros, len(records))
-
-
-# --------------------------------------------------------------------------- early stopping
-
-def test_early_stopping_reproduces_sagemaker_trace():
-    # spec §4.8 (LOG-DOC): patience 2, tolerance 0.01 -> stop after epoch 6, best epoch 3.
-    losses = [0.2085, 0.1976, 0.2025, 0.1813, 0.1969, 0.1930, 0.1977]
-    es = EarlyStopping(patience=2, tolerance=0.01)
-    stops = [es.update(x) for x in losses]
-    assert stops == [False] * 6 + [True]
-    assert es.best_epoch == 3
-
-
-def test_early_stopping_needs_improvement_by_tolerance():
-    es = EarlyStopping(patience=1, tolerance=0.1)
-    assert not es.update(1.0)
-    assert not es.update(0.95)  # bad 1 (improved by less than tolerance)
-    assert es.update(0.93)  # bad 2 > patience
-    es = EarlyStopping(patience=1, tolerance=0.1)
-    assert [es.update(x) for x in (1.0, 0.85, 0.7, 0.55)] == [False] * 4
-
-
-# --------------------------------------------------------------------------- metric lines
-
-HPO_REGEXES = {
-    "validation:accuracy": r"#quality_metric: host=\S+, epoch=\S+, validation accuracy <score>=(\S+)",
-    "validation:cross_entropy": r"#quality_metric: host=\S+, epoch=\S+, validation cross_entropy <loss>=(\S+)",
-    "test:accuracy": r"#quality_metric: host=\S+, test accuracy <score>=(\S+)",
-    "test:cross_entropy": r"#quality_metric: host=\S+, test cross_entropy <loss>=(\S+)",
-    "train:progress": r"#progress_metric: host=\S+, completed (\S+) %",
-    "train:throughput": r"#throughput_metric: host=\S+, train throughput=(\S+) records/second",
-}
-
-
-def test_quality_line_format():
-    line = quality_line("algo-1", "validation", "accuracy", 0.915, epoch=0)
-    assert line == "#quality_metric: host=algo-1, epoch=0, validation accuracy <score>=0.915"
-    assert quality_line("algo-1", "test", "cross_entropy", 0.18) == \
-        "#quality_metric: host=algo-1, test cross_entropy <loss>=0.18"
 
 
 # --------------------------------------------------------------------------- learning
