@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from o2v_jax.metrics import EarlyStopping, quality_line
 
 
