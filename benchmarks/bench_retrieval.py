@@ -122,7 +122,8 @@ def sagemaker_recipe(prep: womens_reviews.Prepared, val: retrieval.Grouped,
     """The SageMaker document-embedding recipe, epochs chosen by validation MRR."""
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.data import read_channel
-    from o2v_jax.predictor import enable_compilation_cache, load
+    from o2v_jax.predictor import load
+    from o2v_jax.runtime import enable_compilation_cache
     from o2v_jax.train import train
 
     lens = _max_lengths(prep.train)

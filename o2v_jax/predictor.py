@@ -44,13 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from o2v_jax import checkpoint
+from o2v_jax import checkpoint, runtime
 from o2v_jax.buckets import batch_plan, length_ladder, pad_sequences
 from o2v_jax.config import Config
 from o2v_jax.env import DEFAULT_PREFERRED_MODE, PREFERRED_MODES, resolve_preferred_mode
-from o2v_jax.ragged import Ragged, count_input, from_input, slice_input
 from o2v_jax.model import (ENCODER_GROUPS, HEAD_GROUPS, TABLE_GROUPS, abstract_model,
                            merge_params, side_groups, table_group)
+from o2v_jax.ragged import Ragged, count_input, from_input, slice_input
 
 log = logging.getLogger("o2v_jax")
 
@@ -64,26 +64,6 @@ ENCODERS = ("in0", "in1")
 PROJECTION_MAX_BYTES = 256 << 20
 
 Key = tuple  # ("encode", side, B, L) or ("head", B)
-
-
-# --------------------------------------------------------------------------- compilation cache
-
-def enable_compilation_cache(path: str | Path) -> None:
-    """Use JAX's persistent compilation cache in ``path`` (process-wide setting).
-
-    JAX skips caching compiles faster than 1 s by default; inference buckets of a small
-    model compile in tens of milliseconds each, so the threshold is set to 0.
-    """
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # JAX decides once per process whether the cache is used (at the first compile);
-    # forget that decision so a cache set after something compiled still takes effect.
-    compilation_cache.reset_cache()
 
 
 def _struct(tree: Any) -> Any:
@@ -485,7 +465,7 @@ def load(model_dir: str | Path, *, preferred_mode: str | None = None,
     """
     mode = resolve_preferred_mode(preferred_mode)  # fail before any slow work
     if compile_cache_dir is not None:
-        enable_compilation_cache(compile_cache_dir)
+        runtime.enable_compilation_cache(compile_cache_dir)
     config, _ = checkpoint.read_config(model_dir)
     graphdef, abstract = abstract_model(config)
     # Restore straight into host arrays; Predictor places each part where it runs.

@@ -66,11 +66,3 @@ def test_native_switch_and_compiler():
     assert env.native_disabled({"O2V_NATIVE": "0"}) and env.native_disabled({"O2V_NATIVE": " 0 "})
     assert not env.native_disabled({}) and not env.native_disabled({"O2V_NATIVE": "1"})
     assert env.compiler({"CXX": "clang++"}) == "clang++" and env.compiler({"CXX": ""}) is None
-
-
-def test_library_reads_the_environment_only_through_env():
-    """conventions item 2: one place. No other module touches os.environ or getenv."""
-    package = Path(env.__file__).parent
-    offenders = [p.name for p in package.glob("*.py")
-                 if p.name != "env.py" and ("os.environ" in p.read_text() or "getenv" in p.read_text())]
-    assert offenders == [], offenders

@@ -12,7 +12,7 @@ import pytest
 from o2v_jax import retrieval
 from o2v_jax.retrieval import Relevance, evaluate_embeddings, evaluate_scores, group_pairs
 
-from test_search import count_compiles
+from conftest import count_compiles
 
 
 def reference(scores: np.ndarray, relevance: Relevance) -> dict:

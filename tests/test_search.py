@@ -3,32 +3,14 @@ order, k > N, device inputs, one compile per chunk shape, clear errors."""
 
 from __future__ import annotations
 
-import contextlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import count_compiles
+
 from o2v_jax.search import chunk_size, reference_top_k, top_k
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Collects a name per jit trace or XLA compile that happens inside the block."""
-    events: list[str] = []
-    watched = ("/jax/core/compile/backend_compile_duration",
-               "/jax/core/compile/jaxpr_trace_duration")
-
-    def listener(name, _secs, **_kw):
-        if name in watched:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def integer_data(rng, q, n, d=6, lo=-2, hi=3):
