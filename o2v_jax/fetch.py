@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 from o2v_jax import env
+from o2v_jax.progress import bar as progress_bar
 
 log = logging.getLogger("o2v_jax")
 
@@ -167,12 +168,10 @@ def _fetch_json(url: str) -> dict:
 
 def _fetch(url: str, dest: Path, *, size: int | None, progress: bool) -> None:
     """Stream url to dest with a progress bar."""
-    from tqdm import tqdm  # a dependency; imported here to keep `import o2v_jax` light
-
     with urllib.request.urlopen(_request(url), timeout=60) as response, open(dest, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or size
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=Path(url).name, disable=not progress, leave=False) as bar:
+        with progress_bar(total, Path(url).name, unit="B", progress=progress, unit_scale=True,
+                          unit_divisor=1024, leave=False) as bar:
             while chunk := response.read(1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))

@@ -50,6 +50,7 @@ from o2v_jax.config import Config
 from o2v_jax.env import DEFAULT_PREFERRED_MODE, PREFERRED_MODES, resolve_preferred_mode
 from o2v_jax.model import (ENCODER_GROUPS, HEAD_GROUPS, TABLE_GROUPS, abstract_model,
                            merge_params, side_groups, table_group)
+from o2v_jax.progress import bar as progress_bar
 from o2v_jax.ragged import Ragged, count_input, from_input, slice_input
 
 log = logging.getLogger("o2v_jax")
@@ -429,10 +430,7 @@ def _output(out: np.ndarray | None, n: int, width: int) -> np.ndarray:
 
 
 def _bar(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="seq", unit_scale=True, disable=not enabled,
-                dynamic_ncols=True, leave=False)
+    return progress_bar(total, desc, unit="seq", progress=enabled, unit_scale=True, leave=False)
 
 
 def _log_truncated(count: int, encoder: str, max_len: int) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from o2v_jax.model import (Object2Vec, abstract_model, join_tables, nnx_rngs, sp
                            split_tables, table_group)
 from o2v_jax.objectives import PairLoss, finish_metrics
 from o2v_jax.pretrained import Pretrained
+from o2v_jax.progress import bar as progress_bar
 from o2v_jax.sampling import negative_pairs
 
 log = logging.getLogger("o2v_jax")
@@ -244,11 +244,7 @@ def epoch_batches(train_data: PairData, config: Config, seed: int,
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
-    from tqdm import tqdm
-
-    disable = not sys.stderr.isatty() if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, unit="rec", unit_scale=True, leave=False,
-                disable=disable, dynamic_ncols=True)
+    return progress_bar(total, desc, unit="rec", progress=enabled, unit_scale=True, leave=False)
 
 
 @dataclasses.dataclass

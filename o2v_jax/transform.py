@@ -37,6 +37,7 @@ import msgspec
 from o2v_jax import app, batcher, media, wire
 from o2v_jax.data import DataError
 from o2v_jax.env import BATCH_STRATEGIES, MAX_PAYLOAD_MB, batch_strategy
+from o2v_jax.progress import bar as progress_bar
 
 log = logging.getLogger("o2v_jax")
 
@@ -288,10 +289,8 @@ def transform(predictor, input_path: str | Path, output_dir: str | Path, *,
     output_dir = Path(output_dir)
     total = TransformStats()
     t0 = time.perf_counter()
-    from tqdm import tqdm
-
-    with tqdm(total=sum(p.stat().st_size for p, _ in files), unit="B", unit_scale=True,
-              desc="transform", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(sum(p.stat().st_size for p, _ in files), "transform", unit="B",
+                      progress=progress, unit_scale=True) as bar:
         for path, rel in files:
             out = output_dir / rel.with_name(rel.name + OUT_SUFFIX)
             stats = transform_file(predictor, path, out, options=opts, progress=bar)
