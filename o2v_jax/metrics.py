@@ -1,13 +1,21 @@
-"""What a training run reports: SageMaker's metric lines and its early stopping rule.
+"""What a training run reports: SageMaker's metric lines, its early stopping rule, and
+the run's record in ``metrics.jsonl``.
 
 SageMaker's HPO reads ``#quality_metric`` lines from the job's log with fixed regexes
 (spec §6.1), and stops a run early on the validation loss by a rule reconstructed from
-its logs (spec §4.8). Both are reproduced here exactly.
+its logs (spec §4.8). Both are reproduced here exactly. ``metrics.jsonl`` (issue 19) is
+ours: the model directory's per-epoch record, one JSON object a line, written as each
+epoch ends (docs/training.md, "What a run leaves").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,3 +56,38 @@ def quality_line(host: str, channel: str, name: str, value: float, epoch: int | 
     kind = "score" if name == "accuracy" else "loss"
     where = f"epoch={epoch}, " if epoch is not None else ""
     return f"#quality_metric: host={host}, {where}{channel} {name} <{kind}>={value!r}"
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+METRICS_FILE = "metrics.jsonl"  # in the model directory: one JSON object per epoch
+
+
+def write_history(path: str | Path, history: Sequence[Mapping[str, Any]]) -> None:
+    """Replace ``path`` with one line per record of ``history`` (atomically).
+
+    A run calls this when it starts: a fresh run empties the file, a resumed one writes
+    the epochs its saved state has, so a line written after the last saved state (the
+    run was stopped between the two) is not repeated when that epoch runs again.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(_line(record) for record in history), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one epoch's record as a line; it is on disk (flushed) when this returns."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(_line(record))
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _line(record: Mapping[str, Any]) -> str:
+    # json writes floats with repr(), as the #quality_metric lines do: the same digits.
+    return json.dumps(dict(record)) + "\n"

@@ -28,7 +28,7 @@ from o2v_jax.buckets import Batch, batches, prefetch
 from o2v_jax.config import Config
 from o2v_jax.data import PairData
 from o2v_jax.kernels import check_layout, default_layout
-from o2v_jax.metrics import EarlyStopping, quality_line
+from o2v_jax.metrics import METRICS_FILE, EarlyStopping, append_record, quality_line, write_history
 from o2v_jax.model import (Object2Vec, abstract_model, join_tables, nnx_rngs, split_params,
                            split_tables, table_group)
 from o2v_jax.objectives import PairLoss, finish_metrics
@@ -338,7 +338,8 @@ def train(
     With a validation channel, early stopping (spec §4.8) watches the validation loss and
     the best epoch's parameters are kept; without one, all epochs run and the last is kept.
     The test channel, if given, is scored once with the kept parameters. After each
-    epoch the full training state is checkpointed under ``model_dir/training`` so
+    epoch its record (``TrainResult.history``'s) is appended to ``model_dir/metrics.jsonl``
+    and the full training state is checkpointed under ``model_dir/training``, so
     ``resume=True`` continues an interrupted run with the same result.
 
     ``stop_after_epochs`` ends the run early after that many epochs *without* finishing it
@@ -353,6 +354,11 @@ def train(
     if resume:
         run = _resume(run, model_dir, config, seed, validating, pretrained)
     steps = build_steps(graphdef, config, run.keep, layout=layout)
+    # metrics.jsonl holds exactly the epochs of run.history: fresh runs start it empty,
+    # resumed ones rewrite the saved epochs (docs/training.md, "What a run leaves").
+    model_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = model_dir / METRICS_FILE
+    write_history(metrics_path, run.history)
     dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
     start_epoch, stopped_early = run.epoch, False
     while run.epoch < config.epochs:
@@ -387,6 +393,7 @@ def train(
             if run.stopper.best_epoch == epoch:
                 run.best_params = jax.tree.map(np.array, run.state.params)
         run.history.append(record)
+        append_record(metrics_path, record)
         emit(f"#progress_metric: host={host}, completed {100.0 * (epoch + 1) / config.epochs} % of epochs")
         emit(f"#throughput_metric: host={host}, train throughput={record['records_per_second']:.2f} records/second")
         run.epoch = epoch + 1

@@ -17,6 +17,7 @@ from o2v_jax import checkpoint
 from o2v_jax.buckets import Batch, batches
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import read_channel
+from o2v_jax.metrics import read_history
 from o2v_jax.pretrained import Pretrained
 from o2v_jax.train import (TrainState, build_steps, evaluate, evaluate_params, init_params, stage_batch,
                            staged, train)
@@ -249,10 +250,19 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     with pytest.raises(checkpoint.ModelDirError, match=f"array {name} does not match the checksum"):
         train(config, data, model_dir=damaged, resume=True, emit=lambda _: None, **kw)
 
+    # metrics.jsonl: the two epochs run, and a line for epoch 2 as if the run had been
+    # stopped after writing it but before saving the state: resuming must not repeat it.
+    metrics_path = tmp_path / "part" / "metrics.jsonl"
+    assert [r["epoch"] for r in read_history(metrics_path)] == [0, 1]
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({**part.history[-1], "epoch": 2}) + "\n")
+
     lines.clear()
     resumed = train(config, data, model_dir=tmp_path / "part", resume=True, emit=lines.append, **kw)
     assert resumed.epochs_run == 4 and _emitted_epochs(lines) == [2, 3]
     assert resumed.history[:2] == part.history
+    assert read_history(metrics_path) == resumed.history
+    assert read_history(tmp_path / "full" / "metrics.jsonl") == full.history
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert [h["validation_cross_entropy"] for h in resumed.history] == \
         [h["validation_cross_entropy"] for h in full.history]
@@ -291,6 +301,21 @@ def test_the_best_epoch_is_kept_not_the_last(rising_validation_run):
     assert saved["cross_entropy"] == pytest.approx(losses[0], rel=1e-6)
     assert result.test_metrics["cross_entropy"] == pytest.approx(losses[0], rel=1e-6)
     assert f"Best model based on epoch 0. Best loss: {losses[0]:.3f}" in lines
+
+
+def test_metrics_jsonl_holds_each_epoch_as_the_metric_lines_say(rising_validation_run):
+    result, lines, _ = rising_validation_run
+    records = read_history(result.model_dir / "metrics.jsonl")
+    assert records == result.history and [r["epoch"] for r in records] == [0, 1, 2]
+    metric = re.compile(r"#quality_metric: host=algo-1, epoch=(\d+), (train|validation) (\w+) <\w+>=(\S+)")
+    found = [m.groups() for m in map(metric.fullmatch, lines) if m]
+    assert len(found) == 3 * 4  # per epoch: train and validation cross_entropy and accuracy
+    for epoch, channel, name, value in found:
+        assert records[int(epoch)][f"{channel}_{name}"] == float(value)  # the same digits
+    throughput = [line for line in lines if line.startswith("#throughput_metric")]
+    assert throughput == [f"#throughput_metric: host=algo-1, train throughput="
+                          f"{r['records_per_second']:.2f} records/second" for r in records]
+    assert all(r["seconds"] > 0 for r in records)
 
 
 def test_early_stopping_ends_the_loop(rising_validation_run):
