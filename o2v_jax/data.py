@@ -19,7 +19,7 @@ import gc
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -70,15 +70,16 @@ class PairData:
 # --------------------------------------------------------------------------- channels
 
 
-class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """One JSON Lines record (spec §3.2). ``float`` also accepts JSON integers."""
+class Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One record (spec §3.2). ``float`` also accepts JSON integers. Records from Python
+    are converted to it too (:mod:`o2v_jax.records`), so both get the same type checks."""
 
     label: float
     in0: list[int]
     in1: list[int]
 
 
-_RECORD = msgspec.json.Decoder(_Record)
+_RECORD = msgspec.json.Decoder(Record)
 _AT_PATH = re.compile(r"(.*) - at `\$(.*)`")
 
 
@@ -102,8 +103,8 @@ def read_channel(path: str | Path, config: Config, *, name: str = "train") -> Pa
     """
     start = time.perf_counter()
     files = _channel_files(Path(path), name)
-    acc = _Columns()
-    with _gc_paused():
+    acc = Columns()
+    with gc_paused():
         for file in files:
             _read_file(file, config, acc)
     if not acc.labels.size:
@@ -112,17 +113,22 @@ def read_channel(path: str | Path, config: Config, *, name: str = "train") -> Pa
     log.info("%s: read %s records from %d file(s) in %.1f s (%s in0 tokens, %s in1 tokens)",
              name, f"{len(data):,}", len(files), time.perf_counter() - start,
              f"{data.in0.tokens.size:,}", f"{data.in1.tokens.size:,}")
+    log_truncated(data, config, name)
+    return data
+
+
+def log_truncated(data: PairData, config: Config, name: str) -> None:
+    """Warn once per channel when sequences were cut to max_seq_len."""
     if any(data.truncated):
         # Same opening words as SageMaker's log line (spec §3.2), then the counts.
         log.warning("One or more sequences have been truncated because they exceeded max_seq_len: "
                     "%s: %s in0 sequences (enc0 max_seq_len=%d), %s in1 sequences "
                     "(enc1 max_seq_len=%d)", name, f"{data.truncated[0]:,}",
                     config.enc0.max_seq_len, f"{data.truncated[1]:,}", config.enc1.max_seq_len)
-    return data
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """Pause the cyclic GC: decoding allocates millions of short-lived lists (no cycles), and
     collections triggered by them cost ~30% of the read time."""
     was_enabled = gc.isenabled()
@@ -171,8 +177,12 @@ class _Buffer:
         return self.array[:self.size]
 
 
-class _Columns:
-    """The channel's arrays, grown chunk by chunk."""
+# Per side: ids int64 (T,), lengths int64 (n,), and the caller's lists (or None).
+Sides = tuple[np.ndarray, np.ndarray, "Sequence[Sequence[int]] | None"]
+
+
+class Columns:
+    """The channel's arrays, grown chunk by chunk; :meth:`add` checks each chunk."""
 
     def __init__(self) -> None:
         self.tokens = (_Buffer(np.int32), _Buffer(np.int32))
@@ -184,6 +194,44 @@ class _Columns:
         sides = [Ragged(self.tokens[s].view(), offsets(self.lengths[s].view())) for s in (0, 1)]
         return PairData(sides[0], sides[1], self.labels.view(), source,
                         (self.truncated[0], self.truncated[1]))
+
+    def add(self, labels: np.ndarray, sides: Sequence[Sides], config: Config,
+            where: Callable[[int], str]) -> None:
+        """Check one chunk of records and append it.
+
+        Args:
+            labels: float64 (n,).
+            sides: per side, ``(ids int64 (T,), lengths int64 (n,), seqs)`` where ``seqs``
+                are the caller's lists (to read an id beyond int64 back) or None.
+            config: label rules, vocab_size and max_seq_len.
+            where: record index within the chunk -> its place, for messages
+                ("file:line", or a record path like "train[3]").
+
+        Raises:
+            DataError: for the chunk's first record (in order) with a bad label or id,
+                as ``"<where>: field "<name>": <what was expected>"``.
+        """
+        problems: list[tuple[int, str]] = []  # (record, message); the smallest record is reported
+        bad, expected = _bad_label(labels, config)
+        if bad is not None:
+            problems.append((bad, f'field "label": expected {expected}, got {_num(labels[bad])}'))
+        checked = []
+        for side, (enc, (tokens, lengths, seqs)) in enumerate(zip(config.encoders, sides)):
+            try:
+                # Sequences longer than max_seq_len keep their first max_seq_len ids (spec §3.2).
+                checked.append(check_tokens(tokens, lengths, enc.vocab_size, enc.max_seq_len))
+            except TokenRangeError as e:
+                value = e.value if seqs is None else seqs[e.row][e.position]
+                problems.append((e.row, f'field "in{side}[{e.position}]": '
+                                        f'{_vocab_message(value, side, config)}'))
+        if problems:
+            rec, message = min(problems)
+            raise DataError(f"{where(rec)}: {message}")
+        for side, (ids, cut) in enumerate(checked):
+            self.truncated[side] += cut
+            self.tokens[side].append(ids.tokens)
+            self.lengths[side].append(ids.lengths)
+        self.labels.append(labels)
 
 
 def _line_chunks(f) -> Iterator[tuple[int, bytes]]:
@@ -206,7 +254,7 @@ def _is_record(line: bytes) -> bool:
     return bool(line) and not line.isspace()
 
 
-def _read_file(file: Path, config: Config, acc: _Columns) -> None:
+def _read_file(file: Path, config: Config, acc: Columns) -> None:
     with open(file, "rb") as f:
         for first_line, chunk in _line_chunks(f):
             lines = chunk.split(b"\n")
@@ -216,40 +264,21 @@ def _read_file(file: Path, config: Config, acc: _Columns) -> None:
                 records = [_RECORD.decode(line) for line in lines if line and not line.isspace()]
             except (msgspec.MsgspecError, UnicodeDecodeError):  # a bad key's UTF-8: the latter
                 records, error = _decode_until_error(file, first_line, lines)
-                _add_chunk(records, config, acc, where)  # an earlier line's problem comes first
+                add_records(records, config, acc, where)  # an earlier line's problem comes first
                 raise error from None
             if records:
-                _add_chunk(records, config, acc, where)
+                add_records(records, config, acc, where)
 
 
-def _add_chunk(records: list[_Record], config: Config, acc: _Columns, where) -> None:
-    """Check and append one chunk; ``where(i)`` gives "file:line" of record i of the chunk.
-
-    Raises:
-        DataError: for the chunk's first record (in file order) with a bad label or id.
-    """
-    n = len(records)
-    problems: list[tuple[int, str]] = []  # (record, message); the smallest record is reported
-    labels = np.fromiter((r.label for r in records), np.float64, count=n)
-    bad, expected = _bad_label(labels, config)
-    if bad is not None:
-        problems.append((bad, f'field "label": expected {expected}, got {_num(labels[bad])}'))
-    for side, enc in enumerate(config.encoders):
+def add_records(records: Sequence[Record], config: Config, acc: Columns,
+                where: Callable[[int], str]) -> None:
+    """Check and append decoded records (:meth:`Columns.add`); ``where(i)`` places record i."""
+    labels = np.fromiter((r.label for r in records), np.float64, count=len(records))
+    sides = []
+    for side in (0, 1):
         seqs = [r.in1 if side else r.in0 for r in records]
-        try:
-            # Sequences longer than max_seq_len keep their first max_seq_len ids (spec §3.2).
-            ids, cut = check_tokens(*flatten(seqs), enc.vocab_size, enc.max_seq_len)
-        except TokenRangeError as e:
-            message = _vocab_message(seqs[e.row][e.position], side, config)
-            problems.append((e.row, f'field "in{side}[{e.position}]": {message}'))
-            continue
-        acc.truncated[side] += cut
-        acc.tokens[side].append(ids.tokens)
-        acc.lengths[side].append(ids.lengths)
-    if problems:
-        rec, message = min(problems)
-        raise DataError(f"{where(rec)}: {message}")
-    acc.labels.append(labels)
+        sides.append((*flatten(seqs), seqs))  # msgspec checked the types: flatten cannot fail
+    acc.add(labels, sides, config, where)
 
 
 def _bad_label(labels: np.ndarray, config: Config) -> tuple[int | None, str]:
@@ -286,7 +315,7 @@ def _where(file: Path, first_line: int, lines: list[bytes], record: int) -> str:
 
 
 def _decode_until_error(file: Path, first_line: int,
-                        lines: list[bytes]) -> tuple[list[_Record], DataError]:
+                        lines: list[bytes]) -> tuple[list[Record], DataError]:
     """The records before the chunk's first undecodable line, and the error for that line."""
     records = []
     for k, line in enumerate(lines):
@@ -295,7 +324,7 @@ def _decode_until_error(file: Path, first_line: int,
         try:
             records.append(_RECORD.decode(line))
         except msgspec.MsgspecError as e:
-            return records, DataError(f"{file}:{first_line + k}: {_describe(e)}")
+            return records, DataError(f"{file}:{first_line + k}: {describe(e)}")
         except UnicodeDecodeError:  # in an object key (msgspec's position is the key's)
             return records, DataError(f"{file}:{first_line + k}: {utf8_problem(line)}")
     raise AssertionError("chunk failed to decode but every line decodes")
@@ -318,7 +347,7 @@ def utf8_problem(line: bytes) -> str:
     return f"not valid UTF-8: byte 0x{line[at]:02x} at column {at + 1}"
 
 
-def _describe(error: msgspec.MsgspecError) -> str:
+def describe(error: msgspec.MsgspecError) -> str:
     """msgspec's message in our words: the field and what was expected."""
     text = str(error)
     if not isinstance(error, msgspec.ValidationError):  # (a subclass of DecodeError)
