@@ -4,12 +4,22 @@
     >>> model = o2v_jax.load("checkpoints/movielens-100k")
     >>> model.embed([[195], [96]], encoder="in1").shape
     (2, 64)
+
+Train from Python (docs/tutorial.md)::
+
+    >>> model = o2v_jax.train(hyperparameters, train_records, validation=val_records)
+    >>> model.history[-1], o2v_jax.evaluate(model, test_records)
+
+``import o2v_jax`` imports no JAX: each function imports what it needs when called.
 """
 
 from __future__ import annotations
 
+import sys
+import types
+
 __version__ = "0.1.0"
-__all__ = ["load", "__version__"]
+__all__ = ["load", "train", "evaluate", "__version__"]
 
 
 def load(model_dir, **kwargs):
@@ -17,3 +27,33 @@ def load(model_dir, **kwargs):
     from o2v_jax.predictor import load as _load
 
     return _load(model_dir, **kwargs)
+
+
+# --------------------------------------------------------------------------- train, evaluate
+# The Python training API (issue 19) lives in o2v_jax/api.py; its functions are looked up
+# here on first use, so the package stays light to import.
+
+_API = ("train", "evaluate")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from o2v_jax import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'o2v_jax' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``o2v_jax.train`` is the training function, although a submodule has that name
+    too (o2v_jax/train.py, the loop): importing a submodule binds it as an attribute of
+    its package, which would hide the function. That one binding is refused; the module
+    stays importable (``from o2v_jax.train import ...``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -206,6 +206,46 @@ def load_model(model_dir: str | Path, target: Any = None) -> tuple[dict[str, str
     return manifest["hyperparameters"], params, manifest["metadata"]
 
 
+def copy_model(model_dir: str | Path, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Copy a complete model directory to ``directory``, atomically; returns it.
+
+    The copy is made in a hidden sibling and renamed into place, so ``directory`` never
+    holds half a model. Everything but ``training/`` (state of an unfinished run) and
+    hidden files is copied: the model, ``metrics.jsonl``, ``learning_curves.png``.
+
+    Raises:
+      ModelDirError: ``model_dir`` is not a complete model; ``directory`` is a file, a
+        non-empty directory that is not a model directory (never replaced), or holds a
+        model and ``overwrite`` is False.
+    """
+    src, dst = Path(model_dir), Path(directory)
+    read_manifest(src)
+    if dst.exists():
+        if dst.resolve() == src.resolve():
+            return dst
+        if not dst.is_dir():
+            raise ModelDirError(f"{dst}: exists and is not a directory")
+        if any(dst.iterdir()):
+            if not (dst / MANIFEST).is_file():
+                raise ModelDirError(f"{dst}: not empty and not a model directory; "
+                                    f"not writing a model into it")
+            if not overwrite:
+                raise ModelDirError(f"{dst}: already holds a model; pass overwrite=True to "
+                                    f"replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    tmp = dst.with_name(f".{dst.name}.{tag}.tmp")
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("training", ".*"))
+    if dst.exists():  # an empty directory or the model being replaced: set it aside first
+        old = dst.with_name(f".{dst.name}.{tag}.old")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+    return dst
+
+
 def save_training_state(model_dir: str | Path, state: Any, info: dict[str, Any]) -> None:
     """Save the full training state (params, optimizer state, ...) after an epoch.
 

@@ -91,11 +91,8 @@ def _sagemaker_paths(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from o2v_jax import checkpoint
-    from o2v_jax.config import format_config, load_hyperparameters
-    from o2v_jax.data import read_channel
-    from o2v_jax.pretrained import read_auxiliary
-    from o2v_jax.train import train
+    from o2v_jax.api import fit, needs_auxiliary
+    from o2v_jax.config import load_hyperparameters
 
     args.host = "algo-1"
     if args.train is None and args.model_dir is None and not args.sagemaker:
@@ -109,29 +106,12 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.model_dir is None:
         raise UsageError("--model-dir is required")
     config = load_hyperparameters(args.hyperparameters, args.hp)
-    log.info("Final configuration:\n%s", format_config(config))
-    data = {name: read_channel(path, config, name=name)
-            for name in ("train", "validation", "test")
-            if (path := getattr(args, name)) is not None}
-    pretrained = (None, None)
-    needs_aux = any(e.pretrained_embedding_file for e in config.encoders)
-    state = checkpoint.training_info(args.model_dir) if args.resume else None
-    if needs_aux and state is not None and "frozen_tables" in state:
-        # The pretrained rows are in the saved parameters and the frozen-row masks in the
-        # state: the auxiliary files are not needed (and may be gone) to continue.
-        log.info("--resume: pretrained rows and frozen-row masks come from the saved training "
-                 "state; the auxiliary channel is not read")
-    elif needs_aux:
-        if args.auxiliary is None:
-            raise UsageError("a pretrained_embedding_file is set but no --auxiliary channel was given")
-        pretrained = read_auxiliary(args.auxiliary, config)
-    for name, d in data.items():
-        log.info("%s channel: %d records from %s", name, len(d), d.source)
-    result = train(config, data["train"], validation=data.get("validation"), test=data.get("test"),
-                   pretrained=pretrained, model_dir=args.model_dir, seed=args.seed,
-                   resume=args.resume, host=args.host,
-                   emit=lambda line: print(line, flush=True),
-                   progress=False if args.no_progress else None)
+    if args.auxiliary is None and needs_auxiliary(config, args.model_dir, args.resume):
+        raise UsageError("a pretrained_embedding_file is set but no --auxiliary channel was given")
+    result = fit(config, args.train, args.validation, args.test, model_dir=args.model_dir,
+                 seed=args.seed, auxiliary=args.auxiliary, resume=args.resume, host=args.host,
+                 emit=lambda line: print(line, flush=True),
+                 progress=False if args.no_progress else None)
     summary = {"model_dir": str(result.model_dir), "epochs_run": result.epochs_run,
                "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
     if result.history:
@@ -154,7 +134,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from o2v_jax.train import evaluate
+    from o2v_jax.api import evaluate
 
     metrics = evaluate(args.model_dir, args.data)
     print(json.dumps(metrics, sort_keys=True), flush=True)

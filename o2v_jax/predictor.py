@@ -99,6 +99,8 @@ class Predictor:
         batch_sizes: the batch-size ladder.
         preferred_mode: "embedding" or "classification" (see :func:`load`).
         model_dir, metadata: where the model came from and what training recorded.
+        history: the per-epoch training metrics (metadata's); :meth:`save` copies the
+            model directory.
     """
 
     def __init__(self, config: Config, graphdef: Any, params: dict, *,
@@ -408,6 +410,22 @@ class Predictor:
         for row, y in pending:
             out[row:row + y.shape[0]] = np.asarray(y)[:max(0, n - row)]
         return out
+
+    # ----------------------------------------------------------------- the model directory
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Per-epoch training metrics, as in the model directory's metrics.jsonl: epoch,
+        train_* and validation_* metrics, seconds, records_per_second ([] if unknown)."""
+        return [dict(record) for record in self.metadata.get("history", [])]
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Copy this model's directory to ``directory`` (:func:`checkpoint.copy_model`:
+        atomic; an existing model there is replaced only with ``overwrite``)."""
+        if self.model_dir is None:
+            raise ValueError("this Predictor was built in memory: it has no model directory "
+                             "to save")
+        return checkpoint.copy_model(self.model_dir, directory, overwrite=overwrite)
 
     def __repr__(self) -> str:
         nets = "/".join(e.network for e in self.config.encoders)

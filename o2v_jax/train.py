@@ -5,7 +5,9 @@ stopping are :mod:`o2v_jax.metrics`.
 Data flow: ``PairData`` -> ``buckets.batches`` (fixed shapes) -> ``train_step`` (jitted,
 compiled once per bucket shape) -> per-epoch metrics -> early stopping -> best params ->
 ``checkpoint.save_model``. The lazy ``row_sparse`` update lives in :mod:`o2v_jax.row_sparse`
-(a drop-in for the dense update here). See docs/training.md.
+(a drop-in for the dense update here). Python callers and ``o2v train`` reach this loop
+through :mod:`o2v_jax.api` (channels in any form, the learning-curve PNG). See
+docs/training.md.
 """
 
 from __future__ import annotations
@@ -435,12 +437,3 @@ def load_for_evaluation(model_dir: str | Path) -> tuple[Config, Steps, Params]:
     _, params, _ = checkpoint.load_model(model_dir, target=jax.tree.map(np.asarray, params))
     params = jax.tree.map(jnp.asarray, params)
     return config, build_steps(graphdef, config, {}, layout=layout), params
-
-
-def evaluate(model_dir: str | Path, data_path: str | Path) -> dict[str, float]:
-    """Metrics of a saved model on a labelled JSON Lines file or directory."""
-    from o2v_jax.data import read_channel
-
-    config, steps, params = load_for_evaluation(model_dir)
-    data = read_channel(data_path, config, name="evaluation")
-    return evaluate_params(steps, params, data, config)

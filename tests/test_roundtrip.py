@@ -218,7 +218,7 @@ def test_model_written_before_the_fix_loads_embeds_and_predicts(tmp_path):
 
 def test_model_written_before_the_fix_evaluates_transforms_and_serves(tmp_path):
     from o2v_jax.app import App, Settings
-    from o2v_jax.train import evaluate
+    from o2v_jax.api import evaluate
     from o2v_jax.transform import transform
 
     model_dir = _fixture_copy(tmp_path)

@@ -18,8 +18,9 @@ from o2v_jax.buckets import Batch, batches
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import read_channel
 from o2v_jax.metrics import read_history
+from o2v_jax.api import evaluate
 from o2v_jax.pretrained import Pretrained
-from o2v_jax.train import (TrainState, build_steps, evaluate, evaluate_params, init_params, stage_batch,
+from o2v_jax.train import (TrainState, build_steps, evaluate_params, init_params, stage_batch,
                            staged, train)
 
 
