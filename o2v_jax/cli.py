@@ -288,8 +288,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "global-mean and per-user-mean baselines, the nearest movies of a few "
                     "titles, write learning curves and say how to serve the model.")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                   help=f"output directory: data/, model/, learning_curves.png, demo.json "
-                        f"(default {DEFAULT_OUT})")
+                   help=f"output directory: data/, model/ (with metrics.jsonl and "
+                        f"learning_curves.png), demo.json (default {DEFAULT_OUT})")
     p.add_argument("--data", type=Path, metavar="DIR",
                    help="where to write the MovieLens channels (default OUT/data)")
     p.add_argument("--from", dest="source", type=Path, metavar="PATH",

@@ -4,15 +4,18 @@ Fetch the ratings (cached after the first run), write the ua split, train the ra
 regression model with the preset in ``o2v_jax/presets/movielens.json`` (the one place the
 demo's hyperparameters live; `o2v train --hyperparameters` reads it unchanged), print the
 validation RMSE next to the global-mean and per-user-mean baselines, embed every movie
-with enc1, print the nearest neighbours of a few well-known titles, write the learning
-curves as a PNG and say how to serve the model.
+with enc1, print the nearest neighbours of a few well-known titles, and say how to serve
+the model. Training goes through :func:`o2v_jax.api.fit`, the path of ``o2v train`` and
+``o2v_jax.train``, so the model directory holds what every run leaves: ``metrics.jsonl``
+and ``learning_curves.png``, whose loss panel here also shows the two baselines.
 
 Layout under ``--out DIR`` (default ``runs/movielens-demo``)::
 
-    data/                  the channels (`o2v data movielens`), unless --data says elsewhere
-    model/                 the trained model (o2v_jax.load / o2v serve --model-dir)
-    learning_curves.png    train and validation MSE per epoch (needs matplotlib)
-    demo.json              the numbers printed
+    data/                        the channels (`o2v data movielens`), unless --data says elsewhere
+    model/                       the trained model (o2v_jax.load / o2v serve --model-dir)
+    model/metrics.jsonl          one line per epoch: train and validation MSE, seconds, records/s
+    model/learning_curves.png    those curves and the baselines (needs matplotlib)
+    demo.json                    the numbers printed
 
 Validation is ua.test, as in the notebook. It is used for the per-epoch curve only: the
 preset fixes the epoch count (chosen on a split of ua.base, benchmarks/RESULTS.md
@@ -28,9 +31,8 @@ import dataclasses
 import functools
 import json
 import logging
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,49 +161,6 @@ def read_titles(path: Path | None) -> dict[int, str]:
     return {int(f[0]): f[1] for f in (line.split("\t") for line in lines if line)}
 
 
-# --------------------------------------------------------------------------- the plot
-
-def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, *,
-                reference: Mapping[str, float] = (), kept_epoch: int | None = None) -> Path | None:
-    """Train and validation MSE per epoch as a PNG; None (and a note) without matplotlib.
-
-    Args:
-        history: TrainResult.history (train_/validation_mean_squared_error per epoch).
-        path: the PNG to write.
-        reference: label -> validation MSE of a baseline, drawn as horizontal lines.
-        kept_epoch: the epoch whose parameters were kept, marked on the curve.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed, so no learning-curve PNG "
-              "(pip install 'o2v-jax[plot]' to get one)")
-        return None
-    epochs = [h["epoch"] for h in history]  # from 0, as in the metric lines
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot(epochs, [h["train_mean_squared_error"] for h in history], "o-", label="train")
-    if any("validation_mean_squared_error" in h for h in history):
-        val = [h.get("validation_mean_squared_error", np.nan) for h in history]
-        ax.plot(epochs, val, "s-", label="validation (ua.test)")
-        if kept_epoch is not None and 0 <= kept_epoch < len(val):
-            ax.plot([kept_epoch], [val[kept_epoch]], "k*", ms=12, label="kept epoch")
-    for (name, mse), style in zip(dict(reference).items(), (":", "--", "-.")):
-        ax.axhline(mse, color="grey", ls=style, lw=1, label=f"{name} (validation)")
-    ax.set_xlabel("epoch (from 0)")
-    ax.set_ylabel("mean squared error")
-    ax.set_title("Object2Vec on MovieLens 100k (ua split)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 # --------------------------------------------------------------------------- the demo
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +174,7 @@ class DemoResult:
     epochs_run: int
     baselines: dict[str, float]  # name -> validation RMSE
     neighbours: dict[str, list[tuple[str, float]]]  # query title -> [(title, cosine)]
-    plot: Path | None
+    plot: Path | None  # model/learning_curves.png (None without matplotlib)
     train_seconds: float
     seconds: float  # the whole demo
 
@@ -228,7 +187,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
     """Run the MovieLens demo; see the module docstring for what it does and writes.
 
     Args:
-        out: output directory (data/, model/, learning_curves.png, demo.json).
+        out: output directory (data/, model/, demo.json).
         data_dir: where to write the channels (default ``out/data``).
         source: a local u.data / ml-100k.inter / ml-100k.zip / recbole wheel instead of
             the download (see ``movielens.load_source``).
@@ -236,15 +195,17 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
         epochs: override the preset's epoch count.
         quick: a tiny model (tests, smoke runs).
         seed: training seed.
-        progress: tqdm bars: None = when stderr is a terminal.
+        progress: progress bars: None = when someone watches (a terminal or a notebook).
         emit: where the printed lines go (metric lines included); the default flushes
             each, so they reach a pipe as written.
     """
     from o2v_jax import load as load_predictor
+    from o2v_jax import plots
+    from o2v_jax.api import fit
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.data import read_channel
     from o2v_jax.movielens import prepare_movielens
-    from o2v_jax.train import train
+    from o2v_jax.progress import enabled
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -253,7 +214,7 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     emit("== MovieLens 100k: data")
     files = prepare_movielens(data_dir, source=source, cache_dir=cache_dir,
-                              progress=sys.stderr.isatty() if progress is None else progress)
+                              progress=enabled(progress))
     emit(f"{files.n_ratings:,} ratings from {files.source}; ua split: "
          f"{files.n_train:,} train / {files.n_validation:,} validation (each user's first "
          f"10 ratings), {files.n_users:,} users, {files.n_items:,} movies -> {data_dir}")
@@ -275,8 +236,9 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
     emit("  " + " ".join(f"{k}={v}" for k, v in sorted(config.to_hyperparameters().items())
                          if k in _SHOWN))
     t0 = time.perf_counter()
-    result = train(config, train_data, validation=val_data, model_dir=model_dir, seed=seed,
-                   emit=emit, progress=progress)
+    # The run's own learning-curve PNG is drawn below, with the baselines on it.
+    result = fit(config, train_data, validation=val_data, model_dir=model_dir, seed=seed,
+                 emit=emit, progress=progress, plot=False)
     train_seconds = time.perf_counter() - t0
     history = result.history
     last_rmse = float(np.sqrt(history[-1]["validation_mean_squared_error"]))
@@ -299,10 +261,15 @@ def run_demo(out: Path | str = DEFAULT_OUT, *, data_dir: Path | str | None = Non
 
     neighbours = _neighbours(predictor, files, items, emit)
 
-    plot = plot_curves(history, out / "learning_curves.png", kept_epoch=result.best_epoch,
-                       reference={name: value ** 2 for name, value in base.items()})
+    plot = plots.learning_curves(history, model_dir / plots.FILENAME, kept_epoch=result.best_epoch,
+                                 reference={name: value ** 2 for name, value in base.items()},
+                                 title="Object2Vec on MovieLens 100k (ua split)",
+                                 validation_label="validation (ua.test)")
     if plot is not None:
-        emit(f"\nLearning curves: {plot}")
+        emit(f"\nLearning curves: {plot} (per epoch: {model_dir / 'metrics.jsonl'})")
+    else:
+        emit(f"\nPer-epoch metrics: {model_dir / 'metrics.jsonl'} (matplotlib is not "
+             f"installed, so no learning-curve PNG: pip install 'o2v-jax[plot]' to get one)")
 
     emit("\n== Serving")
     emit(f"  this model:    o2v serve --model-dir {model_dir}   (127.0.0.1:8080)")

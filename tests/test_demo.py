@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +54,14 @@ def test_demo_end_to_end_quick(tmp_path, capsys):
     assert len(re.findall(r"^  item \d+:$", block, flags=re.M)) == 3
     assert len(re.findall(r"item \d+ -?\d\.\d\d", block)) == 3 * demo.NEIGHBOURS
 
-    # Learning curves and serving hints.
-    png = out / "learning_curves.png"
+    # The run's record (metrics.jsonl, learning curves) in the model directory, and
+    # serving hints.
+    png = out / "model" / "learning_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Learning curves: {png}" in text
+    epochs = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert "validation_mean_squared_error" in epochs[-1]
     assert f"o2v serve --model-dir {out / 'model'}" in text
     assert "curl -s http://127.0.0.1:8080/invocations" in text
 
@@ -117,14 +121,6 @@ def test_nearest_excludes_the_query_and_orders(metric):
         assert (np.diff(scores, axis=1) >= 0).all()
     with pytest.raises(ValueError, match="metric"):
         demo.nearest(vectors, np.array([1]), np.arange(1, 6), 2, "manhattan")
-
-
-def test_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
-    history = [{"epoch": 0, "train_mean_squared_error": 1.0, "validation_mean_squared_error": 1.1}]
-    assert demo.plot_curves(history, tmp_path / "c.png") is None
-    assert "matplotlib is not installed" in capsys.readouterr().out
-    assert not (tmp_path / "c.png").exists()
 
 
 def test_read_titles(tmp_path):
