@@ -1,8 +1,8 @@
 """The module layout's rules (docs/architecture.md, "Module map"), checked on the source.
 
 Each rule keeps one kind of code in one place: the environment in env.py, argument
-parsing in cli.py, flax in the model modules, orbax in checkpoint.py; and one import
-style. A module that breaks a rule is named in the failure.
+parsing in cli.py, flax in the model modules, orbax in checkpoint.py, matplotlib in
+plots.py, tqdm in progress.py; and one import style. A module that breaks a rule is named in the failure.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def test_imports_are_absolute():
     ("argparse", {"cli.py"}),
     ("flax", {"encoders.py", "model.py"}),
     ("orbax", {"checkpoint.py"}),
+    ("matplotlib", {"plots.py"}),  # optional: one module says what happens without it
+    ("tqdm", {"progress.py"}),  # every bar is tqdm.auto, on by one rule
 ])
 def test_one_module_owns_each_dependency(package, allowed):
     users = {p.name for p in MODULES if package in _imports(p)}
