@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -92,3 +93,39 @@ def test_the_training_state_records_checksums_and_resuming_checks_them(tmp_path)
     path.write_text(json.dumps(manifest))
     with pytest.raises(ModelDirError, match=r"state\.json: array 00001 does not match the checksum"):
         checkpoint.load_training_state(tmp_path, state)
+
+
+# --------------------------------------------------------------------------- copies
+
+def test_copy_model_copies_the_model_and_its_record_not_the_training_state(tmp_path):
+    model_dir = saved(tmp_path)
+    (model_dir / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (model_dir / "training").mkdir()
+    (model_dir / ".model.json.tmp").write_text("half-written")
+    copy = checkpoint.copy_model(model_dir, tmp_path / "deep" / "copy")
+    assert copy == tmp_path / "deep" / "copy"
+    names = sorted(p.name for p in copy.iterdir())
+    assert names[:3] == ["hyperparameters.json", "metrics.jsonl", "model.json"]
+    assert len(names) == 4 and names[3].startswith("params-")
+    _, restored, meta = checkpoint.load_model(copy)  # complete: checksums verify
+    np.testing.assert_array_equal(restored["embed0"]["embedding"], params()["embed0"]["embedding"])
+    assert os.listdir(tmp_path / "deep") == ["copy"]  # no temporary sibling left
+    assert checkpoint.copy_model(model_dir, model_dir) == model_dir  # onto itself: nothing
+
+
+def test_copy_model_refuses_what_it_must_not_replace(tmp_path):
+    model_dir = saved(tmp_path)
+    with pytest.raises(ModelDirError, match="model directory not found"):
+        checkpoint.copy_model(tmp_path / "nothing", tmp_path / "x")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelDirError, match="exists and is not a directory"):
+        checkpoint.copy_model(model_dir, tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    assert (checkpoint.copy_model(model_dir, tmp_path / "empty") / "model.json").is_file()
+    other = tmp_path / "other"
+    checkpoint.save_model(other, hyperparameters={"enc_dim": "16"}, params=params(1), metadata={})
+    with pytest.raises(ModelDirError, match="already holds a model"):
+        checkpoint.copy_model(model_dir, other)
+    checkpoint.copy_model(model_dir, other, overwrite=True)
+    _, replaced, _ = checkpoint.load_model(other)
+    np.testing.assert_array_equal(replaced["embed0"]["embedding"], params(0)["embed0"]["embedding"])
