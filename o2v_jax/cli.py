@@ -29,9 +29,10 @@ class RunError(Exception):
     reported without a traceback (exit 1)."""
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, *, prefix: str = "") -> None:
+    """Log lines to stderr; ``prefix`` starts each message (a serving worker's pid)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+                        format=f"[%(asctime)s %(levelname)s] {prefix}%(message)s", datefmt="%H:%M:%S")
     # matplotlib: its first import logs "generated new fontManager" at INFO.
     for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -270,6 +271,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batching", dest="batching", action="store_const", const=False,
                    help="answer each request with its own predictor call instead of merging "
                         "concurrent small requests (dynamic batching, on by default)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes, each with its own model, sharing the socket under a "
+                        "supervisor that restarts them (default 1: one process, no supervisor; "
+                        "SageMaker mode: $SAGEMAKER_MODEL_SERVER_WORKERS, else one per CPU). "
+                        "Every limit above is per worker")
+    p.add_argument("--compile-cache-dir", type=Path, metavar="DIR",
+                   help="JAX persistent compilation cache, so a second start or worker loads "
+                        "executables instead of compiling (default with --workers > 1: "
+                        "$O2V_CACHE_DIR/jax-compile, see docs/serving.md)")
     p.add_argument("--sagemaker", action="store_true",
                    help="SageMaker container mode: model from /opt/ml/model, bind 0.0.0.0, honour "
                         "SAGEMAKER_* variables. Implied without --model-dir (`docker run IMAGE serve`)")
@@ -279,7 +289,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (errors go through main)."""
     from o2v_jax.app import resolve_settings
-    from o2v_jax.http import serve
 
     try:
         settings = resolve_settings(args)
@@ -289,7 +298,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"model directory {settings.model_dir} does not exist"
                          + ("" if args.model_dir else " (no --model-dir: SageMaker container mode)"))
     try:
-        return serve(settings)
+        if settings.workers > 1:
+            from o2v_jax.supervisor import supervise
+
+            return supervise(settings, verbose=args.verbose)
+        from o2v_jax.worker import serve
+
+        return serve(settings)  # one process, exactly as before workers existed
     except OSError as e:  # the port is taken, or the address is not ours
         raise RunError(f"cannot listen on {settings.host}:{settings.port}: {e}") from None
 
@@ -402,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     from o2v_jax.checkpoint import ModelDirError
     from o2v_jax.config import HyperparameterError
     from o2v_jax.data import DataError
