@@ -14,7 +14,7 @@ docs/serving.md documents the endpoints, statuses, limits and shutdown.
 
 API::
 
-    Server(app, settings, *, sock=None, keep_alive=True): .address, .fileno(),
+    Server(app, settings, *, sock=None, keep_alive=True, recycle_after=None): .address, .fileno(),
         .start(), .pause(), .close(), .stop(drain_timeout) -> bool
 """
 
@@ -63,6 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.settings.read_timeout  # applied to the socket by setup()
         self._unread = False  # a body was left unread: close, and drain before closing
+        self._opened = time.monotonic()
         super().setup()
         self.rfile.close()  # the stdlib's reader: ours adds the head and body deadlines
         self._reader = framing.Reader(self.connection, self.timeout)
@@ -165,7 +166,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, response: Response) -> None:
         status, headers, body = response
         self._started = True
-        if self._unread or self.server.stopping or not self.server.keep_alive:
+        recycle = self.server.recycle_after
+        if self._unread or self.server.stopping or not self.server.keep_alive or \
+                (recycle is not None and time.monotonic() - self._opened >= recycle):
             self.close_connection = True
         self.send_response(status)
         for name, value in headers:
@@ -244,8 +247,9 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128  # listen backlog: a burst of clients is not dropped at SYN
 
     def __init__(self, app: App, settings: Settings, sock: socket.socket | None = None,
-                 keep_alive: bool = True):
+                 keep_alive: bool = True, recycle_after: float | None = None):
         self.app, self.settings, self.stopping, self.keep_alive = app, settings, False, keep_alive
+        self.recycle_after = recycle_after
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         self._connections = threading.BoundedSemaphore(settings.max_connections)
         self._busy, self._idle = 0, threading.Condition()
@@ -329,11 +333,13 @@ class Server:
     ``sock``: a listening socket to serve on instead (a worker's inherited one;
     non-blocking when other processes accept on it too). ``keep_alive=False`` closes
     every connection after one response (the supervisor's stand-in: no client stays).
+    ``recycle_after``: seconds after which a keep-alive connection closes after its
+    next response, so that its client reconnects to whichever worker accepts first.
     """
 
     def __init__(self, app: App, settings: Settings, *, sock: socket.socket | None = None,
-                 keep_alive: bool = True):
-        self._httpd = _HTTPServer(app, settings, sock, keep_alive)
+                 keep_alive: bool = True, recycle_after: float | None = None):
+        self._httpd = _HTTPServer(app, settings, sock, keep_alive, recycle_after)
         self._thread: threading.Thread | None = None
 
     @property

@@ -49,6 +49,12 @@ from o2v_jax.http import Server
 log = logging.getLogger("o2v_jax")
 
 LOAD_PREDICTOR = "o2v_jax.worker:load_predictor"  # the loader a Spec names by default
+# A keep-alive connection stays with the worker that accepted it, so a burst of connects
+# that all land on one worker would leave the others idle for the connections' lifetime;
+# a supervised worker closes a connection this many seconds old after its next response,
+# and the client's reconnect goes to whichever worker accepts first (the least busy one
+# as a rule: a busy worker's accepting thread waits for the GIL).
+RECYCLE_AFTER = 2.0
 
 
 def load_predictor(settings: Settings):
@@ -193,7 +199,7 @@ def run(spec: Spec) -> int:
     control = _Control(spec.control_fd)
     stop, state, lock = _Stop(), {"serving": False, "failed": False}, threading.Lock()
     app = App(settings)
-    server = Server(app, settings, sock=socket.socket(fileno=spec.listen_fd))
+    server = Server(app, settings, sock=socket.socket(fileno=spec.listen_fd), recycle_after=RECYCLE_AFTER)
 
     def load_model() -> None:
         t0 = time.perf_counter()

@@ -462,6 +462,29 @@ def test_connection_cap_refuses_with_503_but_still_answers_ping():
         held[1].close()
 
 
+def test_keep_alive_connections_are_recycled_when_asked():
+    # A supervised worker's Server(recycle_after=...): a connection older than that closes
+    # after its next response, so that clients spread over the workers again.
+    s = settings()
+    app = App(s)
+    app.ready(FakePredictor())
+    srv = Server(app, s, recycle_after=0.3)
+    srv.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.address[1], timeout=HANG)
+        t0 = time.monotonic()
+        closing = wait_until(lambda: call(srv.address[1], "GET", "/ping", conn=conn)[1].get("connection"),
+                             "a response closes the connection")
+        assert closing == "close" and time.monotonic() - t0 >= 0.3  # not before (a lower bound)
+        conn.close()
+    finally:
+        assert srv.stop(HANG)
+    with serving(FakePredictor()) as (_, port):  # the default: kept open
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
+        assert all("connection" not in call(port, "GET", "/ping", conn=conn)[1] for _ in range(50))
+        conn.close()
+
+
 def test_slow_clients_holding_every_slot_do_not_fail_health_checks():
     # issue 20: clients that send their headers and one byte of a 100-byte body hold every
     # connection slot (until body_timeout); /ping must still answer 200, or SageMaker
