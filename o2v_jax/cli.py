@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("o2v_jax")
 
@@ -410,6 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NeverRaised(Exception):
+    """Stands for an error class whose module was never imported (so nothing raised it)."""
+
+
+def _raised(*where) -> Any:
+    """Error classes by (module, name), taken only from modules already imported.
+
+    An ``except`` clause evaluates its classes only when an exception is being matched, so
+    ``main`` names library errors without importing their modules up front: importing
+    o2v_jax.checkpoint imports JAX, which would take seconds before `o2v serve` binds its
+    socket (SageMaker expects connections within 250 ms) and would load JAX into the
+    workers' supervisor. ``_raised(module, name)`` is one class, ``_raised((m, n), ...)``
+    a tuple of them.
+    """
+    if isinstance(where[0], str):
+        module = sys.modules.get(where[0])
+        return getattr(module, where[1]) if module is not None else _NeverRaised
+    return tuple(_raised(*pair) for pair in where)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Python block-buffers stdout into a pipe or file, as in a SageMaker container, where
     # HPO reads #quality_metric lines from the log while the job runs: every line leaves now.
@@ -418,18 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    from o2v_jax.checkpoint import ModelDirError
-    from o2v_jax.config import HyperparameterError
-    from o2v_jax.data import DataError
-    from o2v_jax.movielens import MovieLensError
-
     command = " ".join(filter(None, (args.command, getattr(args, "dataset", None))))
     try:
         return args.func(args)
-    except MovieLensError as e:  # the data could not be fetched or read: exit 1, as pip does
+    except _raised("o2v_jax.movielens", "MovieLensError") as e:  # the data could not be fetched: exit 1, as pip does
         print(f"o2v {command}: error: {e}", file=sys.stderr)
         return 1
-    except (UsageError, HyperparameterError, DataError, ModelDirError, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError, *_raised(("o2v_jax.config", "HyperparameterError"),
+                                                    ("o2v_jax.data", "DataError"),
+                                                    ("o2v_jax.checkpoint", "ModelDirError"))) as e:
         message = str(e)
         print(f"o2v {command}: error: {message}", file=sys.stderr)
         if getattr(args, "sagemaker", False) and hasattr(args, "ml_root"):  # a training job

@@ -318,6 +318,10 @@ def test_two_workers_serve_a_real_model(tmp_path):
     try:
         first, second = srv.ready_workers(2)
         assert any(cache.iterdir())
+        # `o2v serve` (cli.main too) never loads JAX in the supervisor: it binds at once,
+        # and its memory is its own, not a model's. The workers have it, as a check of the check.
+        assert "jaxlib" not in Path(f"/proc/{srv.proc.pid}/maps").read_text()
+        assert "jaxlib" in Path(f"/proc/{first}/maps").read_text()
         pairs = [{"in0": [1, 2, 3], "in1": [4, 5]}, {"in0": [30, 31], "in1": [2]}]
         status, _, out = call(srv.port, body=json.dumps({"instances": pairs}))
         want = load(model_dir).predict([p["in0"] for p in pairs], [p["in1"] for p in pairs])
