@@ -283,6 +283,23 @@ def test_kill_9_of_a_worker_under_load(tmp_path):
         assert srv.stop() == 0
 
 
+def test_with_every_worker_down_the_supervisor_answers_until_one_is_warm(tmp_path):
+    with supervised(tmp_path / "m", {}) as srv:
+        workers = srv.ready_workers(2)
+        (srv.model_dir / "fake.json").write_text(json.dumps({"hold": "go"}))  # restarts wait
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        srv.wait_for(r"was killed by signal 9 \(SIGKILL\); restarting it in", 2)
+        status, headers, body = call(srv.port, "GET", "/ping", body=None)
+        assert (status, json.loads(body)["error"]) == (503, "no worker is ready; one is restarting")
+        assert headers["connection"] == "close" and headers["retry-after"] == "1"
+        assert call(srv.port)[0] == 503
+        (srv.model_dir / "go").touch()
+        srv.wait_for(r"worker \d+ ready after", 3)
+        wait_until(lambda: call(srv.port, "GET", "/ping", body=None)[0] == 200, "a restarted worker answers")
+        assert srv.stop() == 0
+
+
 # --------------------------------------------------------------------------- the real command
 
 
