@@ -416,15 +416,9 @@ class _NeverRaised(Exception):
 
 
 def _raised(*where) -> Any:
-    """Error classes by (module, name), taken only from modules already imported.
-
-    An ``except`` clause evaluates its classes only when an exception is being matched, so
-    ``main`` names library errors without importing their modules up front: importing
-    o2v_jax.checkpoint imports JAX, which would take seconds before `o2v serve` binds its
-    socket (SageMaker expects connections within 250 ms) and would load JAX into the
-    workers' supervisor. ``_raised(module, name)`` is one class, ``_raised((m, n), ...)``
-    a tuple of them.
-    """
+    """The error class (module, name), or a tuple of them for ((m, n), ...), taken only
+    from modules already imported: ``except`` evaluates it when matching, so ``main``
+    never imports o2v_jax.checkpoint (and JAX) before `o2v serve` binds its socket."""
     if isinstance(where[0], str):
         module = sys.modules.get(where[0])
         return getattr(module, where[1]) if module is not None else _NeverRaised
