@@ -16,18 +16,30 @@ port) on a model with random parameters (bench_embed's pooled_embedding model: v
 (b) Small: single-record requests from 16 concurrent clients (threads with their own
     keep-alive ``http.client`` connection; bounded count per client), requests/s and
     p50/p99 latency; with ``--wrk`` also wrk (``apt-get install wrk``) for a fixed time.
+(c) ``--workers-compare``: ``o2v serve --workers 1`` against ``--workers 2`` (issue 20),
+    servers started and measured in turn (1, 2, 1, 2, ...; a fresh compilation cache
+    per ``--workers 2`` server). Each answers 1,000-record JSON embedding requests from 4
+    concurrent keep-alive clients, then 1-record requests from 16, for a fixed time;
+    requests/s, p50/p99, requests per worker (from the access log), RSS per process
+    (/proc) and warm-up seconds per worker. The load generator is wrk when installed,
+    else Python threads in this process; either way a process of its own, apart from
+    the server's.
 
     python benchmarks/bench_server.py [--quick] [--json out.json] [--wrk]
+    python benchmarks/bench_server.py --workers-compare [--rounds 3] [--seconds 10] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import io
 import json
 import os
+import re
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -57,12 +69,12 @@ def free_port() -> int:
 class ServerProcess:
     """``o2v serve`` in a child process; ``stop()`` sends SIGTERM (a clean drain)."""
 
-    def __init__(self, model_dir: Path, port: int, log_path: Path):
+    def __init__(self, model_dir: Path, port: int, log_path: Path, flags: tuple[str, ...] = ()):
         self.port = port
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "o2v_jax.cli", "serve", "--model-dir", str(model_dir),
-             "--host", HOST, "--port", str(port)],
+             "--host", HOST, "--port", str(port), *flags],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=HERE.parent)
 
     def wait_ready(self, timeout: float = 600.0) -> float:
@@ -252,12 +264,169 @@ def run_wrk(port: int, seq: list[int], clients: int, seconds: int) -> dict | Non
     return parsed
 
 
+# --------------------------------------------------------------------------- (c) workers
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB (/proc/PID/status VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far (/proc/PID/stat), their threads included."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def wrk_load(port: int, body_path: Path, clients: int, seconds: float) -> dict:
+    """wrk: ``clients`` keep-alive connections POSTing ``body_path`` for ``seconds``."""
+    script = body_path.with_suffix(".lua")
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f'local f = io.open("{body_path}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
+    out = subprocess.run(["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "30s",
+                          "--latency", "-s", str(script), f"http://{HOST}:{port}/invocations"],
+                         capture_output=True, text=True, timeout=seconds + 120).stdout
+    if "Non-2xx" in out or re.search(r"Socket errors: .*[1-9]", out):
+        raise SystemExit(f"bench_server: wrk saw errors:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    pct = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)%\s+(\S+)$", out, re.M)}
+    return {"requests_per_second": rps, "p50_ms": pct["50"], "p99_ms": pct["99"]}
+
+
+def python_load(port: int, body: bytes, clients: int, seconds: float) -> dict:
+    """Threads in this process, each with a keep-alive connection, for ``seconds``."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    start, stop_at = threading.Barrier(clients + 1), [0.0]
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=60)
+        post(conn, body)
+        start.wait()
+        while (t := time.perf_counter()) < stop_at[0]:
+            post(conn, body)
+            latencies[i].append(time.perf_counter() - t)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + 3600
+    start.wait()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + seconds
+    for t in threads:
+        t.join()
+    lat = np.concatenate([np.asarray(x) for x in latencies]) * 1e3
+    return {"requests_per_second": lat.size / (time.perf_counter() - t0),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def one_server(model_dir: Path, tmp: Path, workers: int, run: int, bodies: dict, seconds: float,
+               tool: str) -> dict:
+    """Start ``o2v serve --workers N``, load it with each body in turn, stop it."""
+    flags = ("--workers", str(workers))
+    if workers > 1:
+        flags += ("--compile-cache-dir", str(tmp / f"cache-{run}"))  # fresh: the first worker compiles
+    log_path = tmp / f"server-{run}-w{workers}.log"
+    server = ServerProcess(model_dir, free_port(), log_path, flags)
+    try:
+        t0 = time.perf_counter()
+        while len(re.findall(r"worker \d+ ready after|model ready after", log_path.read_text())) < workers:
+            if server.proc.poll() is not None or time.perf_counter() - t0 > 900:
+                raise SystemExit(f"bench_server: the server did not start; see {log_path}")
+            time.sleep(0.2)
+        text = log_path.read_text()
+        pids = [int(x) for x in re.findall(r"started worker (\d+)", text)] or [server.proc.pid]
+        warmups = [float(x) for x in re.findall(r"Warm-up: \d+ executables ready in ([\d.]+) s", text)]
+        out: dict = {"workers": workers, "warmup_s": warmups, "load_avg_before": os.getloadavg()[0]}
+        everyone = pids + ([server.proc.pid] if workers > 1 else [])
+        for name, (clients, body, body_path) in bodies.items():
+            before = len(log_path.read_text())
+            cpu0, t0 = cpu_seconds(everyone), time.perf_counter()
+            if tool == "wrk":
+                out[name] = wrk_load(server.port, body_path, clients, seconds)
+            else:
+                out[name] = python_load(server.port, body, clients, seconds)
+            cpu, wall = cpu_seconds(everyone) - cpu0, time.perf_counter() - t0
+            # The server's processes only: how many cores it got, and what a request cost.
+            out[name]["server_cores"] = cpu / wall
+            out[name]["server_cpu_ms_per_request"] = cpu * 1e3 / (out[name]["requests_per_second"] * wall)
+            served = collections.Counter(re.findall(r"worker (\d+): \S+ \"POST /invocations\" 200",
+                                                    log_path.read_text()[before:]))
+            out[name]["requests_per_worker"] = sorted(served.values(), reverse=True)
+        out["rss_mb"] = {pid: round(rss_mb(pid), 1) for pid in pids}
+        if workers > 1:
+            out["rss_mb_supervisor"] = round(rss_mb(server.proc.pid), 1)
+        out["load_avg_after"] = os.getloadavg()[0]
+        return out
+    finally:
+        server.stop()
+
+
+def compare_workers(model_dir: Path, tmp: Path, rounds: int, seconds: float) -> dict:
+    tool = "wrk" if shutil.which("wrk") else "python"
+    big = body_of(synthetic.uniform_lengths(1000, 4, MAX_LEN, VOCAB, seed=2))
+    small = body_of(synthetic.uniform_lengths(1, 4, MAX_LEN, VOCAB, seed=3))
+    bodies = {}
+    for name, clients, body in [("json_1000_records_4_clients", 4, big), ("json_1_record_16_clients", 16, small)]:
+        (tmp / f"{name}.json").write_bytes(body)
+        bodies[name] = (clients, body, tmp / f"{name}.json")
+    print(f"load generator: {tool}; {seconds:g} s per measurement; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    runs = []
+    for r in range(rounds):
+        for workers in (1, 2):
+            run = one_server(model_dir, tmp, workers, r, bodies, seconds, tool)
+            runs.append(run)
+            cells = "; ".join(f"{k.split('_c')[0]}: {run[k]['requests_per_second']:.1f} req/s p50 "
+                              f"{run[k]['p50_ms']:.1f} p99 {run[k]['p99_ms']:.1f} ms per worker "
+                              f"{run[k]['requests_per_worker']} server cores "
+                              f"{run[k]['server_cores']:.2f}, CPU {run[k]['server_cpu_ms_per_request']:.2f} "
+                              f"ms/request" for k in bodies)
+            print(f"  round {r + 1} --workers {workers}: {cells}; RSS MiB {list(run['rss_mb'].values())}; "
+                  f"warm-up s {run['warmup_s']}; load avg {run['load_avg_before']:.2f}->"
+                  f"{run['load_avg_after']:.2f}", flush=True)
+    summary = {}
+    for name in bodies:
+        med = {w: statistics.median(x[name]["requests_per_second"] for x in runs if x["workers"] == w)
+               for w in (1, 2)}
+        summary[name] = {"median_rps_workers_1": med[1], "median_rps_workers_2": med[2],
+                         "ratio": med[2] / med[1]}
+    print("\nsummary (medians over rounds): " + "; ".join(
+        f"{k}: {v['median_rps_workers_1']:.1f} -> {v['median_rps_workers_2']:.1f} req/s "
+        f"({v['ratio']:.2f}x)" for k, v in summary.items()))
+    return {"tool": tool, "seconds": seconds, "runs": runs, "summary": summary}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(ap)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--wrk", action="store_true", help="also run wrk if installed")
+    ap.add_argument("--workers-compare", action="store_true",
+                    help="(c) only: --workers 1 against --workers 2, interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="(c): servers of each kind, interleaved")
+    ap.add_argument("--seconds", type=float, default=10.0, help="(c): seconds per measurement")
     args = ap.parse_args(argv)
+    if args.workers_compare:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(tmp) / "model"
+            build_model(model_dir, "pooled_embedding")
+            rounds, seconds = (1, 3.0) if args.quick else (args.rounds, args.seconds)
+            results = compare_workers(model_dir, Path(tmp), rounds, seconds)
+        common.write_json(args.json, "bench_server_workers", results)
+        return
     repeat = args.repeat or (3 if args.quick else 9)
     per_client = 20 if args.quick else 150
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,8 @@ from o2v_jax.env import BATCH_STRATEGIES, MAX_PAYLOAD_MB, PREFERRED_MODES
 log = logging.getLogger("o2v_jax")
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+MAX_WORKERS = 256  # each worker holds a whole model: more is a typo, not a plan
+NVIDIA_DEVICE = Path("/dev/nvidiactl")  # present where an NVIDIA driver is loaded
 GENERIC_500 = "internal server error; the server log has the details"
 
 
@@ -65,6 +68,9 @@ class Settings:
     max_connections: int = 64  # open connections, i.e. handler threads; more get 503
     max_body_mb: int = 6  # request body cap in MiB (MaxPayloadInMB; InvokeEndpoint's 6 MB)
     read_timeout: float = 10.0  # seconds one socket read may wait (idle keep-alive too)
+    # Seconds from a request's first byte to the end of its headers: a client trickling a
+    # header line cannot hold a connection slot for longer (issue 20).
+    head_timeout: float = 10.0
     body_timeout: float = 60.0  # seconds a whole body may take (SageMaker's 60 s per call)
     queue_timeout: float = 2.0  # seconds a request waits for an inference slot, then 503
     drain_timeout: float = 30.0  # seconds shutdown waits for in-flight requests
@@ -73,6 +79,12 @@ class Settings:
     batch: bool = False  # SAGEMAKER_BATCH: inside a batch transform job (logged only)
     preferred_mode: str | None = None  # INFERENCE_PREFERRED_MODE, passed to predictor.load
     sagemaker: bool = False  # container mode: changes defaults, honours SAGEMAKER_*
+    # Worker processes, each with its own model, sharing one socket (o2v_jax.supervisor);
+    # 1 is one process and no supervisor. SageMaker mode: SAGEMAKER_MODEL_SERVER_WORKERS.
+    workers: int = 1
+    # JAX's persistent compilation cache (predictor.load): with several workers the
+    # first compiles and the rest load its executables. None: no cache.
+    compile_cache_dir: Path | None = None
 
     def __post_init__(self):
         def check(name: str, lo: float, hi: float, flag: str) -> None:
@@ -84,7 +96,8 @@ class Settings:
         check("threads", 1, 1024, "threads (--threads, SAGEMAKER_MAX_CONCURRENT_TRANSFORMS)")
         check("max_connections", 1, 10_000, "max_connections (--max-connections)")
         check("max_body_mb", 1, MAX_PAYLOAD_MB, "max_body_mb (--max-body-mb, SAGEMAKER_MAX_PAYLOAD_IN_MB)")
-        for name in ("read_timeout", "body_timeout", "queue_timeout", "drain_timeout"):
+        check("workers", 1, MAX_WORKERS, "workers (--workers, SAGEMAKER_MODEL_SERVER_WORKERS)")
+        for name in ("read_timeout", "head_timeout", "body_timeout", "queue_timeout", "drain_timeout"):
             check(name, 0.001, 3600, name + (" (--timeout)" if name == "read_timeout" else ""))
         if self.batch_strategy not in BATCH_STRATEGIES:
             raise ValueError(f"batch_strategy must be one of {BATCH_STRATEGIES}, got {self.batch_strategy!r}")
@@ -98,7 +111,7 @@ class Settings:
 
 # The command-line flags that override a setting (`o2v serve`, cli.py); None = not given.
 _FLAGS = ("host", "port", "threads", "max_body_mb", "max_connections", "read_timeout",
-         "preferred_mode", "batching")
+         "preferred_mode", "batching", "workers", "compile_cache_dir")
 
 
 def resolve_settings(flags: Any, environ: Mapping[str, str] | None = None) -> Settings:
@@ -111,8 +124,9 @@ def resolve_settings(flags: Any, environ: Mapping[str, str] | None = None) -> Se
     Args:
         flags: the parsed flags as attributes (an ``argparse.Namespace``): ``model_dir``,
             ``sagemaker``, and ``host``, ``port``, ``threads``, ``max_body_mb``,
-            ``max_connections``, ``read_timeout``, ``preferred_mode``, ``batching``
-            (None where not given).
+            ``max_connections``, ``read_timeout``, ``preferred_mode``, ``batching``,
+            ``workers``, ``compile_cache_dir`` (None where not given). More than one
+            worker without a cache directory uses ``<cache_dir>/jax-compile``.
         environ: the environment (None: the process's), read through :mod:`o2v_jax.env`.
 
     Raises:
@@ -124,11 +138,23 @@ def resolve_settings(flags: Any, environ: Mapping[str, str] | None = None) -> Se
                               "preferred_mode": served.preferred_mode}
     if sagemaker:
         values.update(host="0.0.0.0", port=served.port, threads=served.threads, max_body_mb=served.max_body_mb,
-                      batch_strategy=served.batch_strategy, batch=served.batch)
+                      batch_strategy=served.batch_strategy, batch=served.batch,
+                      workers=served.workers or default_workers())
     for name in _FLAGS:
         if getattr(flags, name) is not None:
             values[name] = getattr(flags, name)
+    if values.get("workers", 1) > 1 and values.get("compile_cache_dir") is None:
+        values["compile_cache_dir"] = env.cache_dir(environ) / "jax-compile"
     return Settings(**{k: v for k, v in values.items() if v is not None})
+
+
+def default_workers() -> int:
+    """SageMaker mode's worker count without SAGEMAKER_MODEL_SERVER_WORKERS: one per CPU,
+    as SageMaker's model servers do on CPU instances; one when an NVIDIA GPU is visible,
+    where each worker would claim most of the GPU's memory for its own JAX client."""
+    if NVIDIA_DEVICE.exists():
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 # --------------------------------------------------------------------------- one request
@@ -245,7 +271,11 @@ class App:
         self._model = _Model(predictor, answer)  # one assignment: handlers see all or nothing
 
     def failed(self, message: str) -> None:
-        self._problem = f"the model failed to load: {message}"
+        self.unavailable(f"the model failed to load: {message}")
+
+    def unavailable(self, message: str) -> None:
+        """Why /ping and /invocations answer 503 while no model is ready."""
+        self._problem = message
 
     def route(self, method: str, path: str) -> Response | None:
         """None when ``method path`` is served, else its 404 or 405 response."""
@@ -280,8 +310,9 @@ class App:
             return Response(200, (), b"")
         if endpoint == "/execution-parameters":
             s = self._settings
-            # SageMaker refuses MaxConcurrentTransforms * MaxPayloadInMB > 100.
-            concurrent = max(1, min(s.threads, MAX_PAYLOAD_MB // s.max_body_mb))
+            # SageMaker refuses MaxConcurrentTransforms * MaxPayloadInMB > 100. Every
+            # worker has its own `threads` slots, so the server admits workers x threads.
+            concurrent = max(1, min(s.threads * s.workers, MAX_PAYLOAD_MB // s.max_body_mb))
             params = {"MaxConcurrentTransforms": concurrent, "BatchStrategy": s.batch_strategy,
                       "MaxPayloadInMB": s.max_body_mb}
             return Response(200, _JSON_HEADERS, msgspec.json.encode(params))

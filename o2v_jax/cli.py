@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("o2v_jax")
 
@@ -29,9 +30,10 @@ class RunError(Exception):
     reported without a traceback (exit 1)."""
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, *, prefix: str = "") -> None:
+    """Log lines to stderr; ``prefix`` starts each message (a serving worker's pid)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+                        format=f"[%(asctime)s %(levelname)s] {prefix}%(message)s", datefmt="%H:%M:%S")
     # matplotlib: its first import logs "generated new fontManager" at INFO.
     for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -250,6 +252,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batching", dest="batching", action="store_const", const=False,
                    help="answer each request with its own predictor call instead of merging "
                         "concurrent small requests (dynamic batching, on by default)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes, each with its own model, sharing the socket under a "
+                        "supervisor that restarts them (default 1: one process, no supervisor; "
+                        "SageMaker mode: $SAGEMAKER_MODEL_SERVER_WORKERS, else one per CPU). "
+                        "Every limit above is per worker")
+    p.add_argument("--compile-cache-dir", type=Path, metavar="DIR",
+                   help="JAX persistent compilation cache, so a second start or worker loads "
+                        "executables instead of compiling (default with --workers > 1: "
+                        "$O2V_CACHE_DIR/jax-compile, see docs/serving.md)")
     p.add_argument("--sagemaker", action="store_true",
                    help="SageMaker container mode: model from /opt/ml/model, bind 0.0.0.0, honour "
                         "SAGEMAKER_* variables. Implied without --model-dir (`docker run IMAGE serve`)")
@@ -259,7 +270,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (errors go through main)."""
     from o2v_jax.app import resolve_settings
-    from o2v_jax.http import serve
 
     try:
         settings = resolve_settings(args)
@@ -269,7 +279,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"model directory {settings.model_dir} does not exist"
                          + ("" if args.model_dir else " (no --model-dir: SageMaker container mode)"))
     try:
-        return serve(settings)
+        if settings.workers > 1:
+            from o2v_jax.supervisor import supervise
+
+            return supervise(settings, verbose=args.verbose)
+        from o2v_jax.worker import serve
+
+        return serve(settings)  # one process, exactly as before workers existed
     except OSError as e:  # the port is taken, or the address is not ours
         raise RunError(f"cannot listen on {settings.host}:{settings.port}: {e}") from None
 
@@ -375,6 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NeverRaised(Exception):
+    """Stands for an error class whose module was never imported (so nothing raised it)."""
+
+
+def _raised(*where) -> Any:
+    """The error class (module, name), or a tuple of them for ((m, n), ...), taken only
+    from modules already imported: ``except`` evaluates it when matching, so ``main``
+    never imports o2v_jax.checkpoint (and JAX) before `o2v serve` binds its socket."""
+    if isinstance(where[0], str):
+        module = sys.modules.get(where[0])
+        return getattr(module, where[1]) if module is not None else _NeverRaised
+    return tuple(_raised(*pair) for pair in where)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Python block-buffers stdout into a pipe or file, as in a SageMaker container, where
     # HPO reads #quality_metric lines from the log while the job runs: every line leaves now.
@@ -382,19 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    from o2v_jax.checkpoint import ModelDirError
-    from o2v_jax.config import HyperparameterError
-    from o2v_jax.data import DataError
-    from o2v_jax.movielens import MovieLensError
-
+    setup_logging(args.verbose)
     command = " ".join(filter(None, (args.command, getattr(args, "dataset", None))))
     try:
         return args.func(args)
-    except MovieLensError as e:  # the data could not be fetched or read: exit 1, as pip does
+    except _raised("o2v_jax.movielens", "MovieLensError") as e:  # the data could not be fetched: exit 1, as pip does
         print(f"o2v {command}: error: {e}", file=sys.stderr)
         return 1
-    except (UsageError, HyperparameterError, DataError, ModelDirError, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError, *_raised(("o2v_jax.config", "HyperparameterError"),
+                                                    ("o2v_jax.data", "DataError"),
+                                                    ("o2v_jax.checkpoint", "ModelDirError"))) as e:
         message = str(e)
         print(f"o2v {command}: error: {message}", file=sys.stderr)
         if getattr(args, "sagemaker", False) and hasattr(args, "ml_root"):  # a training job

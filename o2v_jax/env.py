@@ -14,6 +14,7 @@ variable                               meaning
 ``SAGEMAKER_BATCH_STRATEGY``           ``MULTI_RECORD`` / ``SINGLE_RECORD`` (or the API's
                                        ``MultiRecord`` / ``SingleRecord``)
 ``SAGEMAKER_BATCH``                    inside a batch transform job (logged only)
+``SAGEMAKER_MODEL_SERVER_WORKERS``     worker processes (0: one per CPU)
 ``O2V_CACHE_DIR``                      the o2v-jax cache root (downloads, native kernel);
                                        else ``$XDG_CACHE_HOME/o2v-jax``, else
                                        ``~/.cache/o2v-jax``
@@ -114,6 +115,7 @@ class ServingEnv:
     batch_strategy: str | None = None  # SAGEMAKER_BATCH_STRATEGY
     batch: bool = False  # SAGEMAKER_BATCH
     preferred_mode: str | None = None  # INFERENCE_PREFERRED_MODE
+    workers: int | None = None  # SAGEMAKER_MODEL_SERVER_WORKERS (0: one per CPU)
 
 
 def serving(environ: Mapping[str, str] | None = None) -> ServingEnv:
@@ -149,4 +151,5 @@ def serving(environ: Mapping[str, str] | None = None) -> ServingEnv:
         batch_strategy=strategy,
         batch=batch in ("true", "1"),
         preferred_mode=preferred_mode(environ),
+        workers=integer("SAGEMAKER_MODEL_SERVER_WORKERS") or None,
     )

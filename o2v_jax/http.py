@@ -1,40 +1,40 @@
-"""The HTTP transport of ``o2v serve``, and ``serve()`` itself.
+"""The HTTP transport of ``o2v serve``.
 
 :class:`Server` puts the :class:`o2v_jax.app.App` behind a ``ThreadingHTTPServer`` with
-HTTP/1.1 keep-alive, body framing and a body cap checked before reading, socket
-timeouts, a cap on open connections, one access-log line per request and a draining
-shutdown (conventions item 11). The app decides every answer; this module only moves
-bytes.
+HTTP/1.1 keep-alive, body framing and a body cap checked before reading
+(:mod:`o2v_jax.framing`), socket timeouts, deadlines for a whole request head and body,
+a cap on open connections (past
+it /ping is still answered), one access-log line per request and a draining shutdown
+(conventions item 11). The app decides every answer; this module only moves bytes.
+Nothing here imports jax.
 
-``serve(settings)`` binds the socket first and loads the model in a background thread,
-so /ping answers at once (503 while loading, then 200): nothing here imports jax until
-:func:`load_predictor` runs. docs/serving.md documents the endpoints, statuses, limits
-and shutdown.
+:mod:`o2v_jax.worker` runs a Server in a serving process and
+:mod:`o2v_jax.supervisor` shares one listening socket among several (``sock=``).
+docs/serving.md documents the endpoints, statuses, limits and shutdown.
 
 API::
 
-    Server(app, settings): .address, .start(), .stop(drain_timeout) -> bool
-    load_predictor(settings) -> Predictor          predictor.load + warmup
-    serve(settings, load=load_predictor) -> int    blocks until SIGTERM/SIGINT
+    Server(app, settings, *, sock=None, keep_alive=True, recycle_after=None): .address, .fileno(),
+        .start(), .pause(), .close(), .stop(drain_timeout) -> bool
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
-import signal
 import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from o2v_jax import __version__, media, wire
+from o2v_jax import __version__, framing, wire
 from o2v_jax.app import GENERIC_500, App, Response, Settings, error_response
+from o2v_jax.framing import MAX_LINE, Refused
 
 log = logging.getLogger("o2v_jax")
 
@@ -42,19 +42,10 @@ log = logging.getLogger("o2v_jax")
 # --------------------------------------------------------------------------- the transport
 
 
-class _Refused(Exception):
-    """A request refused before it reaches the app; the connection is then closed."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(status, message)
-        self.status, self.message = status, message
-
-
-_BODY_METHODS = ("POST", "PUT", "PATCH")
-_LENGTH = re.compile(r"[0-9]{1,18}")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_MAX_LINE = 65536  # the stdlib's limit for the request line and each header line
 _MAX_EMPTY_LINES = 8  # empty lines skipped before a request line; more are a 400
+# A health check in the first packet of a connection refused for the connection cap.
+_PING = re.compile(rb"(GET|HEAD) /ping(?:\?[^ ]*)? HTTP/1\.[01]\r?\n")
+_REFUSE_WAIT = 0.05  # seconds the accepting thread waits for a refused connection's head
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -72,32 +63,36 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.settings.read_timeout  # applied to the socket by setup()
         self._unread = False  # a body was left unread: close, and drain before closing
+        self._opened = time.monotonic()
         super().setup()
+        self.rfile.close()  # the stdlib's reader: ours adds the head and body deadlines
+        self._reader = framing.Reader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader, 1 << 16)
 
     def handle_one_request(self) -> None:
         # Replaces the stdlib's: all methods go to the app, timeouts answer 408, and an
         # idle keep-alive connection that times out closes quietly.
         self.command, self.path, self.request_version = None, "", ""
-        self.requestline, self._started = "", False
+        self.requestline, self._started, self.raw_requestline = "", False, b""
+        self._reader.deadline = None  # between requests only the idle timeout applies
         try:
-            self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
-            # RFC 9112 §2.2: empty lines before a request line are ignored (some clients
-            # send a CRLF after a POST body); the stdlib closes without an answer.
-            for _ in range(_MAX_EMPTY_LINES):
-                if self.raw_requestline not in (b"\r\n", b"\n"):
-                    break
-                self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
+            if not self.rfile.peek(1):  # waits up to read_timeout for a request to begin
+                self.close_connection = True
+                return
         except OSError:  # TimeoutError (idle keep-alive) or a reset: nothing to answer
             self.close_connection = True
             return
-        if not self.raw_requestline:
-            self.close_connection = True
-            return
         self._t0 = time.perf_counter()
+        head = self.server.settings.head_timeout
+        self._reader.limit(head, f"request head not received within {head:g} s")
         with self.server.in_flight():
             try:
+                self._read_request_line()
+                if not self.raw_requestline:
+                    self.close_connection = True  # only empty lines, then EOF
+                    return
                 self._one_request()
-            except _Refused as e:
+            except Refused as e:
                 self._unread = True
                 self._answer_error(e.status, e.message)
             except TimeoutError:
@@ -109,11 +104,20 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("unexpected error while handling %r", self.requestline)
                 self._answer_error(500, GENERIC_500)
 
+    def _read_request_line(self) -> None:
+        self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+        # RFC 9112 §2.2: empty lines before a request line are ignored (some clients
+        # send a CRLF after a POST body); the stdlib closes without an answer.
+        for _ in range(_MAX_EMPTY_LINES):
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+
     def _one_request(self) -> None:
-        if len(self.raw_requestline) > _MAX_LINE:
-            raise _Refused(414, f"request line longer than {_MAX_LINE} bytes")
+        if len(self.raw_requestline) > MAX_LINE:
+            raise Refused(414, f"request line longer than {MAX_LINE} bytes")
         if not self.raw_requestline.strip():
-            raise _Refused(400, "empty request line; expected METHOD /path HTTP/1.1")
+            raise Refused(400, "empty request line; expected METHOD /path HTTP/1.1")
         if not self.parse_request():
             return  # parse_request has answered through send_error
         app = self.server.app
@@ -129,87 +133,22 @@ class _Handler(BaseHTTPRequestHandler):
     # --- request bodies
 
     def _framing(self) -> tuple[str, int]:
-        """How the body is delimited: ("chunked", 0), ("length", n) or ("none", 0).
-
-        Raises:
-            _Refused: 400 contradictory or malformed headers, 411 a POST without either,
-                413 a Content-Length over the cap, 501 an unknown transfer coding.
-        """
-        te = self.headers.get_all("Transfer-Encoding") or []
-        cl = self.headers.get_all("Content-Length") or []
-        if te:
-            if cl:  # RFC 9112 §6.1: a request smuggling vector; refuse it
-                raise _Refused(400, "request has both Transfer-Encoding and Content-Length; send one")
-            codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
-            if codings != ["chunked"]:
-                raise _Refused(501, f"unsupported Transfer-Encoding {', '.join(te)!r}; only chunked is")
-            return "chunked", 0
-        if cl:
-            values = {v.strip() for v in ",".join(cl).split(",")}
-            value = values.pop()
-            if values or not _LENGTH.fullmatch(value):
-                raise _Refused(400, f"invalid Content-Length {', '.join(cl)!r}")
-            length = int(value)
-            cap = self.server.settings.max_body_bytes
-            if length > cap:
-                raise _Refused(413, f"request body is {length} bytes; the limit is {cap} bytes "
-                                    f"({self.server.settings.max_body_mb} MiB)")
-            return ("length", length) if length else ("none", 0)
-        if self.command in _BODY_METHODS:
-            raise _Refused(411, "Content-Length required (or Transfer-Encoding: chunked)")
-        return "none", 0
+        return framing.framing(self.headers, self.command, self.server.settings.max_body_mb)
 
     def _read_body(self) -> bytes:
         kind, length = self._framing()
-        deadline = time.monotonic() + self.server.settings.body_timeout
-        if kind == "length":
-            return self._read_exact(length, deadline)
-        if kind == "chunked":
-            return self._read_chunked(deadline)
-        return b""
-
-    def _read_exact(self, n: int, deadline: float) -> bytes:
-        parts, got = [], 0
-        while got < n:
-            if time.monotonic() > deadline:
-                raise _Refused(408, f"request body not received within {self.server.settings.body_timeout:g} s")
-            # read1: at most one recv, so the deadline is checked between reads and a
-            # client trickling bytes cannot hold the thread past it.
-            part = self.rfile.read1(min(n - got, 1 << 16))
-            if not part:
-                raise _Refused(400, f"connection closed after {got} of {n} body bytes")
-            parts.append(part)
-            got += len(part)
-        return b"".join(parts)
-
-    def _read_chunked(self, deadline: float) -> bytes:
-        cap, parts, total = self.server.settings.max_body_bytes, [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            size = _CHUNK_SIZE.fullmatch(line.split(b";", 1)[0].strip())
-            if not line.endswith(b"\n") or size is None:
-                raise _Refused(400, f"malformed chunk size line {line[:40]!r} after {total} body bytes")
-            n = int(size.group(), 16)
-            if n == 0:
-                break
-            total += n
-            if total > cap:
-                raise _Refused(413, f"chunked request body exceeds the limit of {cap} bytes "
-                                    f"({self.server.settings.max_body_mb} MiB)")
-            parts.append(self._read_exact(n, deadline))
-            if self.rfile.readline(3).strip():
-                raise _Refused(400, f"chunk of {n} bytes not followed by CRLF")
-        for _ in range(100):  # trailer fields, ignored
-            line = self.rfile.readline(_MAX_LINE + 1)
-            if line in (b"\r\n", b"\n", b""):
-                return b"".join(parts)
-        raise _Refused(400, "more than 100 trailer lines after a chunked body")
+        timeout = self.server.settings.body_timeout
+        self._reader.limit(timeout, f"request body not received within {timeout:g} s")
+        try:
+            return framing.read_body(self.rfile, kind, length, self.server.settings.max_body_mb)
+        finally:
+            self._reader.deadline = None
 
     def handle_expect_100(self) -> bool:
         # Refuse before the client sends the body (curl waits for this on large bodies).
         try:
             self._framing()
-        except _Refused as e:
+        except Refused as e:
             self._unread = True
             self._answer_error(e.status, e.message)
             return False
@@ -227,7 +166,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, response: Response) -> None:
         status, headers, body = response
         self._started = True
-        if self._unread or self.server.stopping:
+        recycle = self.server.recycle_after
+        if self._unread or self.server.stopping or not self.server.keep_alive or \
+                (recycle is not None and time.monotonic() - self._opened >= recycle):
             self.close_connection = True
         self.send_response(status)
         for name, value in headers:
@@ -305,12 +246,21 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck connection never keeps the process alive
     request_queue_size = 128  # listen backlog: a burst of clients is not dropped at SYN
 
-    def __init__(self, app: App, settings: Settings):
-        self.app, self.settings, self.stopping = app, settings, False
+    def __init__(self, app: App, settings: Settings, sock: socket.socket | None = None,
+                 keep_alive: bool = True, recycle_after: float | None = None):
+        self.app, self.settings, self.stopping, self.keep_alive = app, settings, False, keep_alive
+        self.recycle_after = recycle_after
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         self._connections = threading.BoundedSemaphore(settings.max_connections)
         self._busy, self._idle = 0, threading.Condition()
-        super().__init__((settings.host, settings.port), _Handler)
+        if sock is None:
+            super().__init__((settings.host, settings.port), _Handler)
+            return
+        # A socket bound and listening elsewhere (o2v_jax.supervisor): serve on it.
+        super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket, self.server_address = sock, sock.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn, a DNS lookup that can take
@@ -335,18 +285,28 @@ class _HTTPServer(ThreadingHTTPServer):
             self._connections.release()
 
     def _refuse(self, request: socket.socket, client_address: Any) -> None:
-        """Answer 503 on the accepting thread, without a handler thread."""
-        log.warning("%s refused: %d connections open (max_connections)", client_address[0],
-                    self.settings.max_connections)
-        body = error_response(503, f"too many open connections (max {self.settings.max_connections});"
-                                   " retry later").body
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {media.JSON}\r\nContent-Length: "
-                f"{len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        """Answer on the accepting thread, without a handler thread: a health check as
+        usual (slow clients holding every slot must not fail it), anything else 503."""
+        head = b""
         with contextlib.suppress(OSError):
-            request.settimeout(0.05)  # short: this blocks the accept loop
-            with contextlib.suppress(OSError):
-                request.recv(1 << 16)  # the request head, so close() sends FIN rather than RST
-            request.sendall(head.encode() + body)
+            request.settimeout(_REFUSE_WAIT)  # short: this blocks the accept loop
+            head = request.recv(1 << 16)  # the request head, so close() sends FIN rather than RST
+        ping = _PING.match(head)
+        method = ping.group(1).decode() if ping else "-"
+        if ping:
+            status, headers, body = self.app.handle(method, "/ping", {}, b"")
+            log.debug('%s "%s /ping" %d answered while every connection slot is held',
+                      client_address[0], method, status)
+        else:
+            log.warning("%s refused: %d connections open (max_connections)", client_address[0],
+                        self.settings.max_connections)
+            status, headers, body = error_response(
+                503, f"too many open connections (max {self.settings.max_connections}); retry later",
+                headers=(("Retry-After", "1"),))
+        head_lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{k}: {v}" for k, v in headers),
+                      f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        with contextlib.suppress(OSError):
+            request.sendall("\r\n".join(head_lines).encode() + (b"" if method == "HEAD" else body))
         self.shutdown_request(request)
 
     @contextlib.contextmanager
@@ -368,10 +328,18 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class Server:
-    """The transport: binds when constructed, serves on a daemon thread once started."""
+    """The transport: binds when constructed, serves on a daemon thread once started.
 
-    def __init__(self, app: App, settings: Settings):
-        self._httpd = _HTTPServer(app, settings)
+    ``sock``: a listening socket to serve on instead (a worker's inherited one;
+    non-blocking when other processes accept on it too). ``keep_alive=False`` closes
+    every connection after one response (the supervisor's stand-in: no client stays).
+    ``recycle_after``: seconds after which a keep-alive connection closes after its
+    next response, so that its client reconnects to whichever worker accepts first.
+    """
+
+    def __init__(self, app: App, settings: Settings, *, sock: socket.socket | None = None,
+                 keep_alive: bool = True, recycle_after: float | None = None):
+        self._httpd = _HTTPServer(app, settings, sock, keep_alive, recycle_after)
         self._thread: threading.Thread | None = None
 
     @property
@@ -379,87 +347,35 @@ class Server:
         """(host, port) actually bound; the port is the real one when 0 was asked for."""
         return self._httpd.server_address[:2]
 
+    def fileno(self) -> int:
+        """The listening socket's file descriptor."""
+        return self._httpd.socket.fileno()
+
     def start(self) -> None:
+        """Accept connections on a daemon thread (again, after :meth:`pause`)."""
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="o2v-http", daemon=True)
         self._thread.start()
 
-    def stop(self, drain_timeout: float) -> bool:
-        """Stop accepting, then wait up to ``drain_timeout`` s for in-flight requests.
-
-        Responses sent while draining carry ``Connection: close``. Returns True when
-        every in-flight request finished.
-        """
-        self._httpd.stopping = True
+    def pause(self) -> None:
+        """Stop accepting and keep the socket open; requests already accepted go on."""
         if self._thread is not None:
-            self._httpd.shutdown()  # serve_forever returns: no more accepts
-        self._httpd.server_close()  # the listening socket closes
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop accepting and close this process's descriptor of the listening socket;
+        requests in flight go on, their responses with ``Connection: close``."""
+        self._httpd.stopping = True
+        self.pause()
+        self._httpd.server_close()
+
+    def stop(self, drain_timeout: float) -> bool:
+        """:meth:`close`, then wait up to ``drain_timeout`` s for in-flight requests;
+        True when every one finished."""
+        self.close()
         left = self._httpd.wait_idle(drain_timeout)
         if left:
             log.warning("%d requests still in flight after %g s; exiting anyway", left, drain_timeout)
         return left == 0
-
-
-# --------------------------------------------------------------------------- running
-
-
-def load_predictor(settings: Settings):
-    """Load the model directory and compile its buckets (predictor.load + warmup)."""
-    from o2v_jax import predictor
-
-    model = predictor.load(settings.model_dir, preferred_mode=settings.preferred_mode)
-    model.warmup()
-    return model
-
-
-def serve(settings: Settings, *, load: Callable[[Settings], Any] = load_predictor) -> int:
-    """Serve until SIGTERM or SIGINT; call from the main thread (it installs handlers).
-
-    The socket is bound before the model loads, so /ping answers from the start: 503
-    while ``load(settings)`` runs on a background thread, 200 once it returns.
-
-    Returns:
-        0 after a signal (in-flight requests finished or ``drain_timeout`` passed),
-        1 when the model failed to load.
-    """
-    app = App(settings)
-    server = Server(app, settings)  # binds now: OSError if the port is taken
-    stop, failures = threading.Event(), []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        log.info("%s: stopping; finishing in-flight requests", signal.Signals(signum).name)
-        stop.set()
-
-    def load_model() -> None:
-        t0 = time.perf_counter()
-        try:
-            predictor = load(settings)
-        except Exception as e:
-            log.exception("could not load the model from %s", settings.model_dir)
-            app.failed(str(e))
-            failures.append(e)
-            stop.set()
-            return
-        app.ready(predictor)
-        log.info("model ready after %.1f s; /ping answers 200", time.perf_counter() - t0)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        host, port = server.address
-        scope = "all interfaces" if host in ("0.0.0.0", "::") else "this address only"
-        log.info("listening on http://%s:%d (%s%s); loading %s", host, port, scope,
-                 ", SageMaker container mode" if settings.sagemaker else "", settings.model_dir)
-        log.info("limits: threads=%d max_connections=%d max_body_mb=%d read_timeout=%gs%s%s",
-                 settings.threads, settings.max_connections, settings.max_body_mb, settings.read_timeout,
-                 f" preferred_mode={settings.preferred_mode}" if settings.preferred_mode else "",
-                 " (batch transform)" if settings.batch else "")
-        threading.Thread(target=load_model, name="o2v-load", daemon=True).start()
-        while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
-            pass
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)  # a second Ctrl-C interrupts the drain
-        server.stop(settings.drain_timeout)
-    log.info("server stopped")
-    return 1 if failures else 0

@@ -1,15 +1,18 @@
-"""A fake model for the serving tests (test_app, test_batcher, test_http).
+"""A fake model for the serving tests (test_app, test_batcher, test_http, test_supervisor).
 
 FakePredictor has the predictor's surface that the app uses (``vocab_sizes``,
 ``max_seq_lens``, ``predict``, ``embed``), with values computed from the tokens, so the
 server is checked without compiling anything. The request path (app.respond, wire.py)
-is the real one.
+is the real one. :func:`load_from_dir` loads one in a serving process (a worker).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -85,3 +88,40 @@ def expected_values(records: list[dict]) -> np.ndarray:
 def assert_values(values: list[list[float]], records: list[dict]) -> None:
     """Values read back from JSON equal the float32 values exactly (shortest round-trip decimals)."""
     np.testing.assert_array_equal(np.array(values, np.float32), expected_values(records))
+
+
+class FileGate:
+    """A FakePredictor gate that another process opens: open once ``path`` exists."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+
+class _GatedPredictor(FakePredictor):
+    def _call(self, in0, in1) -> np.ndarray:
+        logging.getLogger("o2v_jax").info("invoked")  # the test waits for this line
+        return super()._call(in0, in1)
+
+
+def load_from_dir(settings) -> FakePredictor:
+    """A worker's loader (``worker.Spec.load = "fake_model:load_from_dir"``), driven by
+    ``settings.model_dir / "fake.json"``: ``{"load_delay": s, "hold": name, "fail":
+    message, "gate": bool}``. "hold": loading waits until ``model_dir/name`` exists.
+    With a gate each call logs "invoked" and waits until ``model_dir/release`` exists."""
+    spec = json.loads((Path(settings.model_dir) / "fake.json").read_text())
+    time.sleep(spec.get("load_delay", 0.0))
+    if spec.get("hold"):
+        assert FileGate(Path(settings.model_dir) / spec["hold"]).wait(HANG)
+    if spec.get("fail"):
+        raise ValueError(spec["fail"])
+    if spec.get("gate"):
+        return _GatedPredictor(gate=FileGate(Path(settings.model_dir) / "release"))
+    return FakePredictor()

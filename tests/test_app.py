@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,11 @@ def test_app_ping_before_and_after_ready_and_execution_parameters():
     app = App(settings(threads=16, max_body_mb=30))
     params = json.loads(app.handle("GET", "/execution-parameters", {}, b"")[2])
     assert (params["MaxConcurrentTransforms"], params["MaxPayloadInMB"]) == (3, 30)
+    # Each worker process has its own slots: the server admits workers x threads at once.
+    for workers, concurrent in [(2, 4), (8, 10)]:
+        app = App(settings(threads=2, max_body_mb=10, workers=workers))
+        params = json.loads(app.handle("GET", "/execution-parameters", {}, b"")[2])
+        assert params["MaxConcurrentTransforms"] == concurrent
 
 
 def test_app_failed_load_answers_503_with_the_reason():
@@ -286,6 +292,31 @@ def test_resolve_settings_sagemaker_mode_and_precedence():
         resolve(["--model-dir", "m", "--max-body-mb", "101"], {})
     with pytest.raises(ValueError, match="threads"):
         Settings(model_dir=Path("m"), threads=0)
+
+
+def test_resolve_settings_workers_and_their_compilation_cache(tmp_path, monkeypatch):
+    cache = {"O2V_CACHE_DIR": str(tmp_path / "cache")}
+    # Outside SageMaker mode: one process, no cache, whatever SAGEMAKER_* says.
+    s = resolve(["--model-dir", "m"], {**cache, "SAGEMAKER_MODEL_SERVER_WORKERS": "4"})
+    assert (s.workers, s.compile_cache_dir) == (1, None)
+    s = resolve(["--model-dir", "m", "--workers", "3"], cache)
+    assert (s.workers, s.compile_cache_dir) == (3, tmp_path / "cache" / "jax-compile")
+    s = resolve(["--model-dir", "m", "--workers", "2", "--compile-cache-dir", "c"], cache)
+    assert s.compile_cache_dir == Path("c")
+    s = resolve(["--model-dir", "m", "--compile-cache-dir", "c"], cache)  # one worker may use one too
+    assert (s.workers, s.compile_cache_dir) == (1, Path("c"))
+    # SageMaker mode: SAGEMAKER_MODEL_SERVER_WORKERS, else one per CPU; the flag wins.
+    s = resolve(["--sagemaker", "--model-dir", "m"], {**cache, "SAGEMAKER_MODEL_SERVER_WORKERS": "5"})
+    assert s.workers == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    monkeypatch.setattr(app_module, "NVIDIA_DEVICE", tmp_path / "no-gpu")
+    assert resolve(["--sagemaker", "--model-dir", "m"], cache).workers == 7
+    # With a GPU, one: every worker's JAX would claim most of its memory.
+    monkeypatch.setattr(app_module, "NVIDIA_DEVICE", tmp_path)
+    assert resolve(["--sagemaker", "--model-dir", "m"], cache).workers == 1
+    assert resolve(["--sagemaker", "--model-dir", "m", "--workers", "1"], cache).workers == 1
+    with pytest.raises(ValueError, match=r"workers \(--workers, SAGEMAKER_MODEL_SERVER_WORKERS\) must be in"):
+        resolve(["--model-dir", "m", "--workers", "0"], {})
 
 
 # --------------------------------------------------------------------------- a real model

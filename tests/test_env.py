@@ -13,14 +13,17 @@ def test_serving_reads_sagemaker_variables():
     got = env.serving({
         "SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "8",
         "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SAGEMAKER_BATCH_STRATEGY": "SingleRecord",
-        "SAGEMAKER_BATCH": "true", "INFERENCE_PREFERRED_MODE": " Embedding ", "UNRELATED": "x"})
+        "SAGEMAKER_BATCH": "true", "INFERENCE_PREFERRED_MODE": " Embedding ", "UNRELATED": "x",
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "3"})
     assert got == env.ServingEnv(port=9090, threads=8, max_body_mb=20, batch_strategy="SINGLE_RECORD",
-                                 batch=True, preferred_mode="embedding")
+                                 batch=True, preferred_mode="embedding", workers=3)
     assert env.serving({}) == env.ServingEnv()
     # 0 means "SageMaker decides" / "any size": our default / the 100 MiB ceiling.
-    got = env.serving({"SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "0", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"})
-    assert got.threads is None and got.max_body_mb == env.MAX_PAYLOAD_MB == 100
+    got = env.serving({"SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "0", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "0",
+                       "SAGEMAKER_MODEL_SERVER_WORKERS": "0"})
+    assert got.threads is None and got.max_body_mb == env.MAX_PAYLOAD_MB == 100 and got.workers is None
     for name, value in [("SAGEMAKER_MAX_PAYLOAD_IN_MB", "6MB"), ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
+                        ("SAGEMAKER_MODEL_SERVER_WORKERS", "-1"),
                         ("INFERENCE_PREFERRED_MODE", "gpu"), ("SAGEMAKER_BATCH", "maybe")]:
         with pytest.raises(ValueError, match=name):
             env.serving({name: value})

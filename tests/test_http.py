@@ -38,7 +38,8 @@ from fake_model import EMBED, HANG, PAIRS, VOCAB, FakePredictor, assert_values, 
 from o2v_jax import wire
 from o2v_jax.app import App, Settings
 from o2v_jax.batcher import Batcher
-from o2v_jax.http import Server, load_predictor
+from o2v_jax.http import Server
+from o2v_jax.worker import load_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,8 @@ def assert_json_error(status, headers, body, want_status, path=None, match=""):
 
 def test_the_serving_modules_do_not_import_jax():
     # /ping must answer while the model loads: binding and answering need no jax.
-    code = ("import sys, o2v_jax.http, o2v_jax.app, o2v_jax.batcher, o2v_jax.wire, o2v_jax.npz; "
+    code = ("import sys, o2v_jax.http, o2v_jax.app, o2v_jax.batcher, o2v_jax.wire, o2v_jax.npz, "
+            "o2v_jax.worker, o2v_jax.supervisor; "
             "sys.exit(sorted({'jax', 'flax'} & set(sys.modules)) or 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=os.environ | {"PYTHONPATH": str(REPO)})
@@ -437,18 +439,90 @@ def test_a_body_trickled_past_body_timeout_gets_408():
         assert call(port, "GET", "/ping")[0] == 200
 
 
-def test_connection_cap_refuses_with_503():
-    with serving(FakePredictor(), max_connections=2) as (_, port):
+def test_connection_cap_refuses_with_503_but_still_answers_ping():
+    with serving(max_connections=2) as (app, port):
         held = [http.client.HTTPConnection("127.0.0.1", port, timeout=HANG) for _ in range(2)]
         for c in held:  # two open keep-alive connections hold both handler threads
-            assert call(port, "GET", "/ping", conn=c)[0] == 200
-        status, h, body = raw(port, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert call(port, "GET", "/ping", conn=c)[0] == 503  # still loading
+        status, h, body = raw(port, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         assert_json_error(status, h, body, 503, match="too many open connections")
-        assert h["retry-after"] == "1"
+        assert h["retry-after"] == "1" and h["connection"] == "close"
+        # A health check past the cap is answered as usual, by the accepting thread (issue 20).
+        status, h, body = raw(port, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert_json_error(status, h, body, 503, match="the model is still loading")
+        app.ready(FakePredictor())
+        status, h, body = raw(port, b"GET /ping?probe=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, body, h["connection"]) == (200, b"", "close")
+        assert raw(port, b"HEAD /ping HTTP/1.0\r\n\r\n")[:3:2] == (200, b"")
+        assert raw(port, b"GET /pingpong HTTP/1.1\r\n\r\n")[0] == 503  # only /ping itself
         held[0].close()
         # A slot frees once the handler thread sees EOF.
-        wait_until(lambda: call(port, "GET", "/ping")[0] == 200, "a connection slot frees")
+        wait_until(lambda: call(port, "POST", "/invocations", json.dumps({"instances": EMBED}))[0] == 200,
+                   "a connection slot frees")
         held[1].close()
+
+
+def test_keep_alive_connections_are_recycled_when_asked():
+    # A supervised worker's Server(recycle_after=...): a connection older than that closes
+    # after its next response, so that clients spread over the workers again.
+    s = settings()
+    app = App(s)
+    app.ready(FakePredictor())
+    srv = Server(app, s, recycle_after=0.3)
+    srv.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.address[1], timeout=HANG)
+        t0 = time.monotonic()
+        closing = wait_until(lambda: call(srv.address[1], "GET", "/ping", conn=conn)[1].get("connection"),
+                             "a response closes the connection")
+        assert closing == "close" and time.monotonic() - t0 >= 0.3  # not before (a lower bound)
+        conn.close()
+    finally:
+        assert srv.stop(HANG)
+    with serving(FakePredictor()) as (_, port):  # the default: kept open
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
+        assert all("connection" not in call(port, "GET", "/ping", conn=conn)[1] for _ in range(50))
+        conn.close()
+
+
+def test_slow_clients_holding_every_slot_do_not_fail_health_checks():
+    # issue 20: clients that send their headers and one byte of a 100-byte body hold every
+    # connection slot (until body_timeout); /ping must still answer 200, or SageMaker
+    # would replace a healthy container.
+    with serving(FakePredictor(), max_connections=4, read_timeout=HANG) as (_, port):
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=HANG) for _ in range(8)]
+        try:
+            for s in slow:
+                s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            body = json.dumps({"instances": EMBED})
+            wait_until(lambda: call(port, "POST", "/invocations", body)[0] == 503, "every slot is held")
+            for _ in range(5):
+                assert raw(port, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")[:3:2] == (200, b"")
+        finally:
+            for s in slow:
+                s.close()
+
+
+def test_a_request_head_trickled_past_head_timeout_gets_408():
+    # A header line sent a byte every 10 ms never trips the per-read timeout; the
+    # whole-head deadline (head_timeout) cuts it off, so such a client cannot hold a
+    # connection slot for longer (docs/serving.md, "Slow clients").
+    with serving(FakePredictor(), read_timeout=HANG, head_timeout=0.5) as (_, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /ping HTTP/1.1\r\nX-Slow: ")
+            s.settimeout(0.01)
+            first = b""
+            while not first:  # trickle until the server answers (or the hang guard)
+                assert time.monotonic() - t0 < HANG, "the trickled head was never cut off"
+                s.sendall(b"a")
+                with contextlib.suppress(TimeoutError):
+                    first = s.recv(65536)
+            s.settimeout(HANG)
+            status, h, body = parse(first + recv_all(s))
+        assert_json_error(status, h, body, 408, match="request head not received within 0.5 s")
+        assert time.monotonic() - t0 >= 0.5
+        assert call(port, "GET", "/ping")[0] == 200
 
 
 @pytest.mark.parametrize("batching", [False, True])
@@ -564,7 +638,7 @@ SLOW_SERVER = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from o2v_jax.app import Settings
-    from o2v_jax.http import serve
+    from o2v_jax.worker import serve
 
     def wait_for(name):
         deadline = time.monotonic() + 60
