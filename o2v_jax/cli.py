@@ -67,6 +67,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "when neither --train nor --model-dir is given, as in `docker run IMAGE train`)")
     p.add_argument("--ml-root", type=Path, default=Path("/opt/ml"), help="SageMaker root (default /opt/ml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "devices and hosts", "Data parallel over every device of every process (docs/distributed.md). "
+        "Several processes: --coordinator, --num-processes and --process-id on each, or "
+        "--sagemaker with several hosts, or a Slurm / Open MPI job (detected).")
+    g.add_argument("--devices", type=int, metavar="N",
+                   help="devices of this process to train on (default: all; 1 = the one-device path)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address; process 0 listens there (that address only)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="how many processes train together")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 to N-1 (0 coordinates)")
+    g.add_argument("--cluster-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long processes wait for each other to join, and how long a silent "
+                        "process may take before the others stop with an error naming it "
+                        "(default 60)")
+    g.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                   help="where the per-epoch training state goes (default: --model-dir); with "
+                        "several processes a filesystem they all share")
     p.set_defaults(func=_run_train)
 
 
@@ -90,8 +107,57 @@ def _sagemaker_paths(args: argparse.Namespace) -> None:
             log.warning("%s: not valid JSON; using host=algo-1", resource)
 
 
+def _join_cluster(args: argparse.Namespace):
+    """Join the cluster the flags, SageMaker or Slurm / Open MPI describe (None: alone).
+    Before anything else touches JAX: its backends start once per process."""
+    from o2v_jax import cluster
+
+    timeout = cluster.DEFAULT_TIMEOUT_S if args.cluster_timeout is None else args.cluster_timeout
+    try:
+        spec = cluster.from_flags(args.coordinator, args.num_processes, args.process_id, timeout)
+        if spec is None and args.sagemaker:
+            spec = cluster.from_sagemaker(args.ml_root / "input" / "config" / "resourceconfig.json",
+                                          timeout)
+        if spec is None:
+            spec = cluster.detect(timeout)
+        if spec is None:
+            return None
+        failure = args.ml_root / "output" / "failure" if args.sagemaker else None
+        joined = cluster.join(spec, failure_file=failure)
+    except cluster.ClusterError as e:
+        raise UsageError(str(e)) from None
+    if joined.process_id > 0:  # process 0 speaks for the run; the others only warn
+        log.setLevel(logging.WARNING)
+    return joined
+
+
+def _check_cluster(joined, args, config, data, pretrained) -> None:
+    """Every process was given the same flags, hyperparameters and data (else a
+    UsageError naming the first difference)."""
+    import zlib
+
+    import jax
+    import numpy as np
+
+    from o2v_jax import cluster
+
+    fields = {"--seed": str(args.seed), "--resume": str(args.resume),
+              "--devices": str(args.devices or len(jax.local_devices()))}
+    fields.update({f"hyperparameter {k} (--hyperparameters, --hp)": v
+                   for k, v in config.to_hyperparameters().items()})
+    fields.update({f"--{name} channel": cluster.describe_data(name, d) for name, d in data.items()})
+    for side, pre in enumerate(pretrained):
+        if pre is not None:
+            crc = zlib.crc32(np.ascontiguousarray(pre.vectors).view(np.uint8).reshape(-1))
+            fields[f"--auxiliary (enc{side} vectors)"] = f"crc32 {crc:08x}"
+    try:
+        joined.check_same(fields)
+    except cluster.ClusterError as e:
+        raise UsageError(str(e)) from None
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    from o2v_jax import checkpoint
+    from o2v_jax import checkpoint, mesh
     from o2v_jax.config import format_config, load_hyperparameters
     from o2v_jax.data import read_channel
     from o2v_jax.pretrained import read_auxiliary
@@ -108,6 +174,13 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UsageError("--train is required (or --sagemaker with <ml-root>/input/data/train)")
     if args.model_dir is None:
         raise UsageError("--model-dir is required")
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices {args.devices}: expected at least 1")
+    joined = _join_cluster(args)
+    try:
+        mesh.local_devices(args.devices)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     config = load_hyperparameters(args.hyperparameters, args.hp)
     log.info("Final configuration:\n%s", format_config(config))
     data = {name: read_channel(path, config, name=name)
@@ -115,7 +188,8 @@ def _run_train(args: argparse.Namespace) -> int:
             if (path := getattr(args, name)) is not None}
     pretrained = (None, None)
     needs_aux = any(e.pretrained_embedding_file for e in config.encoders)
-    state = checkpoint.training_info(args.model_dir) if args.resume else None
+    state_dir = args.checkpoint_dir or args.model_dir
+    state = checkpoint.training_info(state_dir) if args.resume else None
     if needs_aux and state is not None and "frozen_tables" in state:
         # The pretrained rows are in the saved parameters and the frozen-row masks in the
         # state: the auxiliary files are not needed (and may be gone) to continue.
@@ -127,11 +201,16 @@ def _run_train(args: argparse.Namespace) -> int:
         pretrained = read_auxiliary(args.auxiliary, config)
     for name, d in data.items():
         log.info("%s channel: %d records from %s", name, len(d), d.source)
+    if joined is not None:
+        _check_cluster(joined, args, config, data, pretrained)
     result = train(config, data["train"], validation=data.get("validation"), test=data.get("test"),
                    pretrained=pretrained, model_dir=args.model_dir, seed=args.seed,
                    resume=args.resume, host=args.host,
                    emit=lambda line: print(line, flush=True),
-                   progress=False if args.no_progress else None)
+                   progress=False if args.no_progress else None,
+                   devices=args.devices, checkpoint_dir=args.checkpoint_dir)
+    if joined is not None and joined.process_id > 0:
+        return 0  # process 0 reports the run
     summary = {"model_dir": str(result.model_dir), "epochs_run": result.epochs_run,
                "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
     if result.history:
@@ -409,11 +488,32 @@ def main(argv: list[str] | None = None) -> int:
     from o2v_jax.movielens import MovieLensError
 
     command = " ".join(filter(None, (args.command, getattr(args, "dataset", None))))
+    code, message, from_peer = _dispatch(args, command)
+    from o2v_jax import cluster
+
+    joined = cluster.active()
+    if joined is not None:  # the other processes must hear how this one ended
+        if code == 0:
+            joined.finish()
+        else:
+            joined.fail(message, code, peer_suspect=from_peer, printed=True)
+    return code
+
+
+def _dispatch(args: argparse.Namespace, command: str) -> tuple[int, str, bool]:
+    """Run the subcommand: (exit code, the error message, whether the error came from a
+    collective operation, i.e. most likely from another process of a cluster)."""
+    from o2v_jax import cluster
+    from o2v_jax.checkpoint import ModelDirError
+    from o2v_jax.config import HyperparameterError
+    from o2v_jax.data import DataError
+    from o2v_jax.movielens import MovieLensError
+
     try:
-        return args.func(args)
+        return args.func(args), "", False
     except MovieLensError as e:  # the data could not be fetched or read: exit 1, as pip does
         print(f"o2v {command}: error: {e}", file=sys.stderr)
-        return 1
+        return 1, str(e), False
     except (UsageError, HyperparameterError, DataError, ModelDirError, FileNotFoundError) as e:
         message = str(e)
         print(f"o2v {command}: error: {message}", file=sys.stderr)
@@ -425,14 +525,23 @@ def main(argv: list[str] | None = None) -> int:
                 failure.write_text(message + "\n")
             except OSError:
                 pass
-        return 2
+        return 2, message, False
     except RunError as e:
         print(f"o2v {command}: error: {e}", file=sys.stderr)
-        return 1
+        return 1, str(e), False
     except KeyboardInterrupt:
         print(f"o2v {command}: interrupted", file=sys.stderr)
-        return 130
+        return 130, "interrupted", False
+    except Exception as e:  # in a cluster, exiting with a traceback would hang the others
+        if cluster.active() is None:
+            raise
+        import traceback
 
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        message = f"{type(e).__name__}: {first}"
+        print(f"o2v {command}: error: {message}", file=sys.stderr)
+        return 1, message, "gloo" in str(e).lower() or "collective" in str(e).lower()
 
 if __name__ == "__main__":
     sys.exit(main())
