@@ -128,9 +128,11 @@ def detect(timeout_s: float = DEFAULT_TIMEOUT_S) -> ClusterSpec | None:
                 if e.name in ("slurm", "ompi") and e.is_env_present()), None)
     if env is None or env.get_process_count() <= 1:
         return None
+    from o2v_jax.env import coordinator_port
+
     # local_device_ids stays None: JAX picks each process's devices as it would alone.
     return ClusterSpec(env.get_coordinator_address(timeout_secs=int(timeout_s),
-                                                   override_coordinator_port=None),
+                                                   override_coordinator_port=coordinator_port()),
                        env.get_process_count(), env.get_process_id(), timeout_s,
                        source=f"{env.name} coordinator")
 

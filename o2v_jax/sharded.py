@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,11 @@ from o2v_jax.model import join_tables, split_tables
 from o2v_jax.objectives import PairLoss
 from o2v_jax.row_sparse import ROW_CHUNK, host_rows, row_cap, table_bags, update_rows
 
+# The model's code shape on a mesh, whatever the platform (o2v_jax.kernels): its bag
+# gradient is one scatter per table, which GSPMD turns into one (cap, D) all-reduce. In
+# the CPU shape every position's scatter into the replicated (cap, D) gradient would be
+# an all-reduce of its own, L of them a side.
+MODEL_LAYOUT = "accelerator"
 # Above this many table rows per batch token, the rows are found by sorting the batch's
 # ids (O(T log T)) instead of marking a vocabulary-sized array (O(V)): the host work per
 # step then never grows with V either.
@@ -185,17 +190,22 @@ def _eval_step(loss: PairLoss, params, mb: MeshBatch):
 class MeshSteps:
     """train.Steps for a mesh: ``train_step(state, batch, root)`` and
     ``eval_step(params, batch)`` take host batches (``buckets.Batch``), plan their rows
-    and feed each process's part themselves."""
+    and feed each process's part themselves.
+
+    ``graphdef`` must be built with ``layout=MODEL_LAYOUT``. The row update per shard
+    takes the platform's shape: ROW_CHUNK-row chunks with the native write-back on
+    CPU, one shot elsewhere (row_sparse.update_rows).
+    """
 
     def __init__(self, graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
-                 layout: str, placement: Placement, native_rows: bool = True):
+                 placement: Placement, native_rows: bool = True):
         from o2v_jax.train import make_optimizer
 
         self.placement = placement
         self.keep = dict(keep)
         self.tied = config.tied_token_embedding_weight
-        loss = PairLoss(graphdef, config.is_regression, layout)
-        one_shot = layout == "accelerator"
+        loss = PairLoss(graphdef, config.is_regression, MODEL_LAYOUT)
+        one_shot = placement.mesh.devices.flat[0].platform != "cpu"
         if config.row_sparse and not one_shot and native_rows:
             native.available()  # build or load the row write-back now, not in the first step
         self._train = functools.partial(_train_step, loss, make_optimizer(config),
@@ -274,15 +284,43 @@ _COLLECTIVE = re.compile(
 _ARRAY = re.compile(r"(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 
 
-def collectives(hlo_text: str) -> list[tuple[str, int]]:
-    """``(op, bytes of its result)`` for every collective in a compiled HLO module's text
-    (``compiled.as_text()``), e.g. ``("all-reduce", 32768)``."""
+class Collective(NamedTuple):
+    op: str  # "all-reduce", "all-gather", ...
+    bytes: int  # of its result
+    in_loop: bool  # inside a while loop: it runs once per iteration, not once per step
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of a compiled HLO module (``compiled.as_text()``), with the
+    bytes of its result and whether it sits in a loop body (then a static sum of the
+    sizes undercounts a step)."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = bodies.setdefault(header.group(1), [])
+        elif current is not None:
+            current.append(line)
+    calls = {name: {ref for line in lines for ref in re.findall(r"%([\w.\-]+)", line)
+                    if ref in bodies and ref != name} for name, lines in bodies.items()}
+    looping = {ref for lines in bodies.values() for line in lines
+               for ref in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)}
+    todo = list(looping)
+    while todo:
+        for ref in calls.get(todo.pop(), ()):
+            if ref not in looping:
+                looping.add(ref)
+                todo.append(ref)
     out = []
-    for m in _COLLECTIVE.finditer(hlo_text):
-        size = 0
-        for dtype, dims in _ARRAY.findall(m.group("shape")):
-            size += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-        out.append((m.group("op"), size))
+    for name, lines in bodies.items():
+        for line in lines:
+            m = _COLLECTIVE.search(line)
+            if m:
+                size = sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                           for dtype, dims in _ARRAY.findall(m.group("shape")))
+                out.append(Collective(m.group("op"), size, name in looping))
     return out

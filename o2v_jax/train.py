@@ -370,8 +370,8 @@ def train(
     """
     model_dir, validating = Path(model_dir), validation is not None
     state_dir = model_dir if checkpoint_dir is None else Path(checkpoint_dir)
-    layout = default_layout()
     placement = mesh.for_training(config, devices)  # None: one device, the steps above
+    layout = default_layout() if placement is None else sharded.MODEL_LAYOUT
     graphdef, params, keep = init_params(config, seed, pretrained, layout=layout)
     init_opt = functools.partial(init_opt_state, make_optimizer(config))
     if placement is None:
@@ -391,7 +391,7 @@ def train(
     if resume and state_dir is not None:
         run = _resume(run, state_dir, config, seed, validating, pretrained, placement)
     steps = (build_steps(graphdef, config, run.keep, layout=layout) if placement is None else
-             sharded.MeshSteps(graphdef, config, run.keep, layout=layout, placement=placement))
+             sharded.MeshSteps(graphdef, config, run.keep, placement=placement))
     dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
     start_epoch, stopped_early = run.epoch, False
     while run.epoch < config.epochs:

@@ -69,6 +69,24 @@ def test_sagemaker_hosts_make_a_cluster_the_first_host_coordinates(tmp_path):
         cluster.from_sagemaker(config)
 
 
+def test_a_slurm_job_of_several_tasks_is_detected_as_jax_detects_it(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                 "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "JAX_COORDINATOR_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert cluster.detect() is None
+    slurm = {"SLURM_JOB_ID": "4100", "SLURM_STEP_NODELIST": "node[007-010],gpu1",
+             "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    spec = cluster.detect()
+    assert spec.coordinator == f"node007:{4100 % 4096 + 65535 - 4095}"
+    assert (spec.num_processes, spec.process_id) == (4, 2)
+    monkeypatch.setenv("JAX_COORDINATOR_PORT", "1234")
+    assert cluster.detect().coordinator == "node007:1234"
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: nothing to join
+    assert cluster.detect() is None
+
+
 # --------------------------------------------------------------------------- roll call
 
 def roll_call(port: int, n: int, reports: list[tuple[int, int]], timeout: float = 2.0):

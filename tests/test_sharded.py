@@ -117,8 +117,8 @@ HLO = """
                 token_embedding_storage_type=storage, enc0_vocab_size=vocab, enc1_vocab_size=vocab,
                 enc1_max_seq_len=8, optimizer="adam", mini_batch_size=16))
             placement = mesh.for_training(config, None)
-            graphdef, abstract = abstract_model(config, "cpu")
-            steps = sharded.MeshSteps(graphdef, config, {}, layout="cpu", placement=placement)
+            graphdef, abstract = abstract_model(config, sharded.MODEL_LAYOUT)
+            steps = sharded.MeshSteps(graphdef, config, {}, placement=placement)
             state, batch, root = sharded.abstract_inputs(config, placement, abstract,
                                                          lengths=(8, 8), cap=256)
             text = steps.lower(state, batch, root).compile().as_text()
@@ -132,20 +132,41 @@ def test_the_compiled_step_moves_no_table(tmp_path):
     for storage in ("row_sparse", "dense"):
         small, large = out[f"{storage}/1000"], out[f"{storage}/100000"]
         assert small and small == large, storage  # the same collectives whatever V
-        assert {op for op, _ in small} == {"all-reduce"}, storage  # no reduce-scatter (gloo's trap)
-        # the largest moves a few (cap = 256, D = 16) gathers at once, not a (V, 16) table
-        assert max(size for _, size in small) <= 4 * 256 * 16 * 4, storage
+        assert not any(in_loop for _, _, in_loop in small), storage  # each runs once a step
+        # no all-gather of a table, no reduce-scatter (gloo's trap on CPU)
+        assert {op for op, _, _ in small} <= {"all-reduce", "all-gather"}, storage
+        # the largest moves a few (cap = 256, D = 16) row blocks at once, not a (V, 16) table
+        assert max(size for _, size, _ in small) <= 4 * 256 * 16 * 4, storage
 
 
-def test_collectives_reads_ops_and_result_bytes():
+def test_collectives_reads_ops_result_bytes_and_loops():
     text = """
-      %all-reduce.1 = f32[256,16]{1,0} all-reduce(f32[256,16]{1,0} %a), replica_groups={}
-      %ag = (f32[8]{0}, s32[2,3]{1,0}) all-gather-start(f32[2]{0} %b), dimensions={0}
-      %rs = bf16[4,4]{1,0} reduce-scatter(bf16[16,4]{1,0} %c), dimensions={0}
-      %add = f32[256,16]{1,0} add(f32[256,16]{1,0} %x, f32[256,16]{1,0} %y)
-    """
-    assert sharded.collectives(text) == [("all-reduce", 256 * 16 * 4), ("all-gather", 8 * 4 + 6 * 4),
-                                         ("reduce-scatter", 16 * 2)]
+%add.1 (a: f32[], b: f32[]) -> f32[] {
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%inner.2 (p: f32[4]) -> f32[4] {
+  ROOT %rs = bf16[4,4]{1,0} reduce-scatter(bf16[16,4]{1,0} %c), dimensions={0}
+}
+
+%body.3 (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %call = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%inner.2
+}
+
+%cond.4 (t: (s32[], f32[4])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main.5 (x: f32[256,16]) -> f32[256,16] {
+  %all-reduce.1 = f32[256,16]{1,0} all-reduce(f32[256,16]{1,0} %a), to_apply=%add.1
+  %ag = (f32[8]{0}, s32[2,3]{1,0}) all-gather-start(f32[2]{0} %b), dimensions={0}
+  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%cond.4, body=%body.3
+  ROOT %add = f32[256,16]{1,0} add(f32[256,16]{1,0} %x, f32[256,16]{1,0} %y)
+}
+"""
+    assert sorted(sharded.collectives(text)) == sorted([
+        ("all-reduce", 256 * 16 * 4, False), ("all-gather", 8 * 4 + 6 * 4, False),
+        ("reduce-scatter", 16 * 2, True)])
 
 
 def test_batch_rows_for_large_vocabularies_are_the_host_rows():
