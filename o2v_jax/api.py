@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from o2v_jax import checkpoint, plots
+from o2v_jax import checkpoint, cluster, plots
 from o2v_jax.config import Config, format_config, from_hyperparameters, load_hyperparameters
 from o2v_jax.predictor import Predictor, load
 from o2v_jax.pretrained import read_auxiliary
@@ -79,16 +79,21 @@ def fit(hyperparameters: Hyperparameters, train: Channel, validation: Channel | 
         test: Channel | None = None, *, model_dir: str | Path, seed: int = 0,
         auxiliary: str | Path | None = None, resume: bool = False, host: str = "algo-1",
         emit: Callable[[str], None] | None = _print, progress: bool | None = None,
-        plot: bool = True) -> TrainResult:
+        plot: bool = True, devices: int | None = None,
+        checkpoint_dir: str | Path | None = None) -> TrainResult:
     """Train into ``model_dir``: what ``o2v train`` does after parsing its flags.
 
     Writes the model directory (docs/training.md, "What a run leaves"): the model,
     ``metrics.jsonl`` (one line per epoch, as it ends) and, with ``plot`` and matplotlib,
     ``learning_curves.png``. Arguments as for :func:`train`; ``host`` names the machine
-    in the metric lines (SageMaker's ``current_host``).
+    in the metric lines (SageMaker's ``current_host``); ``devices`` and ``checkpoint_dir``
+    as for :func:`o2v_jax.train.train` (docs/distributed.md). In a cluster
+    (:mod:`o2v_jax.cluster`), every process calls this with the same arguments; their
+    flags and data are compared first, and process 0 alone writes the model directory.
 
     Raises:
         HyperparameterError, DataError, checkpoint.ModelDirError: bad inputs.
+        cluster.ClusterError: the processes of a cluster were given different inputs.
     """
     config = resolve_hyperparameters(hyperparameters)
     log.info("Final configuration:\n%s", format_config(config))
@@ -96,7 +101,7 @@ def fit(hyperparameters: Hyperparameters, train: Channel, validation: Channel | 
             for name, channel in (("train", train), ("validation", validation), ("test", test))
             if channel is not None}
     pretrained = (None, None)
-    if needs_auxiliary(config, model_dir, resume):
+    if needs_auxiliary(config, checkpoint_dir or model_dir, resume):
         pretrained = read_auxiliary(auxiliary, config)
     elif any(enc.pretrained_embedding_file for enc in config.encoders):
         # The pretrained rows are in the saved parameters and the frozen-row masks in the
@@ -105,11 +110,16 @@ def fit(hyperparameters: Hyperparameters, train: Channel, validation: Channel | 
                  "state; the auxiliary channel is not read")
     for name, d in data.items():
         log.info("%s channel: %d records from %s", name, len(d), d.source)
+    joined = cluster.active()
+    if joined is not None:
+        cluster.check_run(joined, config, data, pretrained, seed=seed, resume=resume,
+                          devices=devices)
     result = train_loop(config, data["train"], validation=data.get("validation"),
                         test=data.get("test"), pretrained=pretrained, model_dir=model_dir,
                         seed=seed, resume=resume, host=host,
-                        emit=emit if emit is not None else _silent, progress=progress)
-    if plot:
+                        emit=emit if emit is not None else _silent, progress=progress,
+                        devices=devices, checkpoint_dir=checkpoint_dir)
+    if plot and (joined is None or joined.process_id == 0):
         plots.learning_curves(result.history, result.model_dir / plots.FILENAME,
                               kept_epoch=result.best_epoch if validation is not None else None)
     return result

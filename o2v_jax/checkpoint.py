@@ -18,6 +18,15 @@ The manifest also records a CRC-32 of every saved array; loading checks them, so
 damaged file is an error rather than silently different weights (orbax stores raw
 chunks without a checksum: a flipped bit in an embedding table loads without
 complaint). Manifests without checksums (written before they existed) load unchecked.
+
+A training state saved from a device mesh (o2v_jax.mesh) is written sharded: every
+process writes the rows its devices hold, to a filesystem all processes share, and
+process 0 writes the manifest once they all have. Its checksums are
+:func:`fingerprints` instead of CRCs: computed on the devices from the global array,
+the same whatever the mesh, the padding of V or the order of the partial sums, so a
+state saved on 4 devices is checked as it is restored onto 2, or onto one. Such a state
+restores onto any mesh (orbax cuts or zero-fills the padding rows of V) or onto one
+device (:func:`load_training_state`).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from o2v_jax.config import Config, HyperparameterError, from_hyperparameters
@@ -48,11 +58,14 @@ class ModelDirError(ValueError):
     """A model directory that is missing, incomplete or from another format."""
 
 
-def _checkpointer():
+def _checkpointer(solo: bool = False):
     # Imported lazily: orbax pulls in a lot and only save/load paths need it.
     import orbax.checkpoint as ocp
 
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if solo and jax.process_count() > 1:  # process 0 writes alone; the others do not wait
+        return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=0, active_processes={0}, barrier_sync_key_prefix="o2v-solo"))
     return ocp.StandardCheckpointer()
 
 
@@ -66,18 +79,18 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _save_tree(directory: Path, tree: Any) -> None:
-    with _checkpointer() as ckpt:  # closed after use: no background threads left behind
+def _save_tree(directory: Path, tree: Any, solo: bool = False) -> None:
+    with _checkpointer(solo) as ckpt:  # closed after use: no background threads left behind
         ckpt.save(directory.absolute(), tree)
         ckpt.wait_until_finished()
 
 
-def _restore_tree(directory: Path, target: Any = None) -> Any:
+def _restore_tree(directory: Path, target: Any = None, strict: bool = True) -> Any:
     with _checkpointer() as ckpt:
         try:
             if target is None:
                 return ckpt.restore(directory.absolute())
-            return ckpt.restore(directory.absolute(), target)
+            return ckpt.restore(directory.absolute(), target, strict=strict)
         except Exception as e:  # orbax and tensorstore raise ValueError, JSON errors, Exception
             text = str(e).strip()
             first = text.splitlines()[0][:300] if text else ""
@@ -86,19 +99,72 @@ def _restore_tree(directory: Path, target: Any = None) -> Any:
                                 f"from a copy or train again") from e
 
 
-def checksums(tree: Any) -> dict[str, str]:
-    """``{"mlp/0/bias": "crc32:<8 hex digits>", ...}`` over each array's bytes (C order).
+def _names(tree: Any) -> list[tuple[str, Any]]:
+    """(name, leaf) pairs; names join the path's keys with "/", so a list index and the
+    string key orbax restores it as ("0") name the same array."""
+    return [("/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                      for k in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
-    Names join the path's keys with "/", so a list index and the string key orbax
-    restores it as ("0") name the same array.
-    """
+
+def checksums(tree: Any) -> dict[str, str]:
+    """``{"mlp/0/bias": "crc32:<8 hex digits>", ...}`` over each array's bytes (C order)."""
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                        for k in path)
+    for name, leaf in _names(tree):
         data = np.ascontiguousarray(np.asarray(leaf))
         out[name] = f"crc32:{zlib.crc32(data.view(np.uint8).reshape(-1)):08x}"
     return out
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit moves about half the output bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """uint32 (2,): two position-weighted sums of ``x``'s bits, modulo 2^32."""
+    if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+        bits = x.astype(jnp.uint8).astype(jnp.uint32) if x.dtype == jnp.bool_ else \
+            jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    pos, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):  # the element's C-order index (mod 2^32)
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    # Odd weights: a change of one element's bits always changes both sums.
+    w0 = _mix(pos ^ jnp.uint32(0x9E3779B9)) | jnp.uint32(1)
+    w1 = _mix(pos ^ jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits * w0, dtype=jnp.uint32), jnp.sum(bits * w1, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprint_all(leaves: list) -> list:
+    return [_fingerprint(x) for x in leaves]
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+    """``{"mlp/0/bias": "fp64:<16 hex digits>", ...}``: a checksum of each array that
+    does not depend on how it is laid out.
+
+    Two sums over the array's elements of (element bits x an odd weight hashed from the
+    element's index), modulo 2^32, computed on the devices: integer sums give the same
+    result in any order, so the value is the same for the array on one device, split by
+    rows over any number of devices and processes (each sums its part; one all-reduce
+    of 8 bytes), or as numpy. Zero rows add nothing, so a table padded with zero rows
+    has the fingerprint of the table without them. Any change of one element's bits
+    changes both sums. For global arrays this is a collective: every process calls it.
+    """
+    names = _names(tree)
+    sums = _fingerprint_all([leaf for _, leaf in names])
+    return {name: "fp64:" + "".join(f"{int(v):08x}" for v in np.asarray(s))
+            for (name, _), s in zip(names, sums)}
 
 
 def _verify(path: Path, manifest: dict[str, Any], tree: Any) -> None:
@@ -106,7 +172,8 @@ def _verify(path: Path, manifest: dict[str, Any], tree: Any) -> None:
     saved = manifest.get("checksums")
     if not isinstance(saved, dict):
         return
-    got = checksums(tree)
+    fingerprinted = any(str(v).startswith("fp64:") for v in saved.values())
+    got = fingerprints(tree) if fingerprinted else checksums(tree)
     for name, value in saved.items():
         if got.get(name) != value:
             raise ModelDirError(
@@ -115,16 +182,40 @@ def _verify(path: Path, manifest: dict[str, Any], tree: Any) -> None:
                 f"restore them from a copy or train again")
 
 
-def _commit(root: Path, manifest_name: str, prefix: str, tree: Any, manifest: dict[str, Any]) -> None:
+def _commit(root: Path, manifest_name: str, prefix: str, tree: Any, manifest: dict[str, Any],
+            solo: bool = False) -> None:
     """Write `tree` to a new `<prefix>-<id>` dir, then atomically point the manifest at it."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    _save_tree(root / name, tree)
+    _save_tree(root / name, tree, solo)
     _write_json_atomic(root / manifest_name,
                        {**manifest, "params_dir": name, "checksums": checksums(tree)})
+    _remove_stale(root, prefix, name)
+
+
+def _remove_stale(root: Path, prefix: str, keep: str) -> None:
     for stale in root.glob(f"{prefix}-*"):
-        if stale.name != name:
+        if stale.name != keep:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _commit_sharded(root: Path, manifest_name: str, prefix: str, tree: Any,
+                    manifest: dict[str, Any]) -> None:
+    """:func:`_commit` for global arrays, called by every process: each writes its
+    shards into the same new directory (orbax), and once all have, process 0 points the
+    manifest at it. A process that dies half-way leaves the previous manifest, and the
+    state it names, as they were."""
+    from o2v_jax import runtime
+
+    root.mkdir(parents=True, exist_ok=True)
+    name = runtime.agreed(lambda: f"{prefix}-{uuid.uuid4().hex[:12]}")
+    sums = fingerprints(tree)  # on the devices, before orbax holds the arrays
+    _save_tree(root / name, tree)
+    runtime.barrier(f"{prefix}-written")
+    if jax.process_index() == 0:
+        _write_json_atomic(root / manifest_name, {**manifest, "params_dir": name, "checksums": sums})
+        _remove_stale(root, prefix, name)
+    runtime.barrier(f"{prefix}-committed")
 
 
 def _host(tree: Any) -> Any:
@@ -144,7 +235,8 @@ def save_model(model_dir: str | Path, *, hyperparameters: dict[str, str], params
     """
     root = Path(model_dir)
     manifest = {"format": FORMAT, "hyperparameters": hyperparameters, "metadata": metadata}
-    _commit(root, MANIFEST, "params", _host(params), manifest)
+    # With several processes only process 0 calls this (train.py): it writes alone.
+    _commit(root, MANIFEST, "params", _host(params), manifest, solo=True)
     _write_json_atomic(root / "hyperparameters.json", hyperparameters)
     return root
 
@@ -246,16 +338,23 @@ def copy_model(model_dir: str | Path, directory: str | Path, *, overwrite: bool 
     return dst
 
 
-def save_training_state(model_dir: str | Path, state: Any, info: dict[str, Any]) -> None:
+def save_training_state(model_dir: str | Path, state: Any, info: dict[str, Any], *,
+                        sharded: bool = False) -> None:
     """Save the full training state (params, optimizer state, ...) after an epoch.
 
     Optimizer states are trees of named tuples; to keep the on-disk form plain, the tree
     is flattened to its leaves and rebuilt from a fresh ``target`` on restore.
+
+    ``sharded``: the leaves are global arrays on a device mesh; every process calls this
+    and writes its own shards (checksums: :func:`fingerprints`).
     """
     leaves = jax.tree.leaves(state)
     tree = {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
-    _commit(Path(model_dir) / "training", STATE_MANIFEST, "state", _host(tree),
-            {"format": FORMAT, "info": info, "num_leaves": len(leaves)})
+    manifest = {"format": FORMAT, "info": info, "num_leaves": len(leaves)}
+    if sharded:
+        _commit_sharded(Path(model_dir) / "training", STATE_MANIFEST, "state", tree, manifest)
+    else:
+        _commit(Path(model_dir) / "training", STATE_MANIFEST, "state", _host(tree), manifest)
 
 
 def training_info(model_dir: str | Path) -> dict[str, Any] | None:
@@ -272,6 +371,11 @@ def load_training_state(model_dir: str | Path,
 
     ``target`` may be a function of the saved ``info`` (when the structure depends on
     what was saved). Returns None when there is nothing to resume from.
+
+    Leaves of ``target`` that are ShapeDtypeStructs with a sharding (a device mesh) come
+    back as global arrays with that sharding; other leaves as numpy. Either way a state
+    saved on another mesh (or on one device) fits: tables are cut or zero-filled to the
+    target's row count, which differs only by the padding of V (o2v_jax.mesh).
     """
     root = Path(model_dir) / "training"
     path = root / STATE_MANIFEST
@@ -284,11 +388,38 @@ def load_training_state(model_dir: str | Path,
     if manifest["num_leaves"] != len(leaves):
         raise ModelDirError(f"{path}: saved state has {manifest['num_leaves']} arrays, this "
                             f"configuration needs {len(leaves)}; were the hyperparameters changed?")
-    abstract = {f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    restored = _restore_tree(root / manifest["params_dir"], abstract)
-    _verify(path, manifest, restored)
-    state = jax.tree.unflatten(treedef, [restored[f"{i:05d}"] for i in range(len(leaves))])
+    keys = [f"{i:05d}" for i in range(len(leaves))]
+    placed = bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+                                  for x in leaves)
+    fingerprinted = any(str(v).startswith("fp64:") for v in (manifest.get("checksums") or {}).values())
+    directory = root / manifest["params_dir"]
+    if placed and fingerprinted:  # mesh to mesh: each process reads only its rows
+        restored = _restore_tree(directory, dict(zip(keys, leaves)), strict=False)
+        _verify(path, manifest, restored)
+    else:  # whole arrays on the host, as saved, then fitted (and placed)
+        restored = _restore_tree(directory, {k: np.asarray(x) if not isinstance(
+            x, jax.ShapeDtypeStruct) else np.zeros(x.shape, x.dtype) for k, x in zip(keys, leaves)})
+        _verify(path, manifest, restored)
+        restored = {k: _fit(path, k, restored[k], x, placed) for k, x in zip(keys, leaves)}
+    state = jax.tree.unflatten(treedef, [restored[k] for k in keys])
     return state, manifest["info"]
+
+
+def _fit(path: Path, key: str, x: np.ndarray, target: Any, placed: bool) -> Any:
+    """``x`` with the target's row count (cut, or zero rows added: V's padding), placed
+    with the target's sharding when ``placed``."""
+    x, shape = np.asarray(x), tuple(np.shape(target))
+    if x.shape != shape:
+        if x.ndim == 0 or x.shape[1:] != shape[1:]:
+            raise ModelDirError(f"{path}: array {key} was saved with shape {x.shape}, this run "
+                                f"needs {shape}; were the hyperparameters changed?")
+        if x.shape[0] > shape[0]:
+            x = x[:shape[0]]
+        else:
+            x = np.concatenate([x, np.zeros((shape[0] - x.shape[0], *shape[1:]), x.dtype)])
+    if placed:
+        return jax.make_array_from_callback(shape, target.sharding, lambda idx: x[idx])
+    return x
 
 
 def clear_training_state(model_dir: str | Path) -> None:

@@ -69,6 +69,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "when neither --train nor --model-dir is given, as in `docker run IMAGE train`)")
     p.add_argument("--ml-root", type=Path, default=Path("/opt/ml"), help="SageMaker root (default /opt/ml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "devices and hosts", "Data parallel over every device of every process (docs/distributed.md). "
+        "Several processes: --coordinator, --num-processes and --process-id on each, or "
+        "--sagemaker with several hosts, or a Slurm / Open MPI job (detected).")
+    g.add_argument("--devices", type=int, metavar="N",
+                   help="devices of this process to train on (default: all; 1 = the one-device path)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address; process 0 listens there (that address only)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="how many processes train together")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 to N-1 (0 coordinates)")
+    g.add_argument("--cluster-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long processes wait for each other to join, and how long a silent "
+                        "process may take before the others stop with an error naming it "
+                        "(default 60)")
+    g.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                   help="where the per-epoch training state goes (default: --model-dir); with "
+                        "several processes a filesystem they all share")
     p.set_defaults(func=_run_train)
 
 
@@ -92,7 +109,32 @@ def _sagemaker_paths(args: argparse.Namespace) -> None:
             log.warning("%s: not valid JSON; using host=algo-1", resource)
 
 
+def _join_cluster(args: argparse.Namespace):
+    """Join the cluster the flags, SageMaker or Slurm / Open MPI describe (None: alone).
+    Before anything else touches JAX: its backends start once per process."""
+    from o2v_jax import cluster
+
+    timeout = cluster.DEFAULT_TIMEOUT_S if args.cluster_timeout is None else args.cluster_timeout
+    try:
+        spec = cluster.from_flags(args.coordinator, args.num_processes, args.process_id, timeout)
+        if spec is None and args.sagemaker:
+            spec = cluster.from_sagemaker(args.ml_root / "input" / "config" / "resourceconfig.json",
+                                          timeout)
+        if spec is None:
+            spec = cluster.detect(timeout)
+        if spec is None:
+            return None
+        failure = args.ml_root / "output" / "failure" if args.sagemaker else None
+        joined = cluster.join(spec, failure_file=failure)
+    except cluster.ClusterError as e:
+        raise UsageError(str(e)) from None
+    if joined.process_id > 0:  # process 0 speaks for the run; the others only warn
+        log.setLevel(logging.WARNING)
+    return joined
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    from o2v_jax import mesh
     from o2v_jax.api import fit, needs_auxiliary
     from o2v_jax.config import load_hyperparameters
 
@@ -107,13 +149,24 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UsageError("--train is required (or --sagemaker with <ml-root>/input/data/train)")
     if args.model_dir is None:
         raise UsageError("--model-dir is required")
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices {args.devices}: expected at least 1")
+    joined = _join_cluster(args)
+    try:
+        mesh.local_devices(args.devices)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     config = load_hyperparameters(args.hyperparameters, args.hp)
-    if args.auxiliary is None and needs_auxiliary(config, args.model_dir, args.resume):
+    if args.auxiliary is None and needs_auxiliary(config, args.checkpoint_dir or args.model_dir,
+                                                  args.resume):
         raise UsageError("a pretrained_embedding_file is set but no --auxiliary channel was given")
     result = fit(config, args.train, args.validation, args.test, model_dir=args.model_dir,
                  seed=args.seed, auxiliary=args.auxiliary, resume=args.resume, host=args.host,
                  emit=lambda line: print(line, flush=True),
-                 progress=False if args.no_progress else None)
+                 progress=False if args.no_progress else None,
+                 devices=args.devices, checkpoint_dir=args.checkpoint_dir)
+    if joined is not None and joined.process_id > 0:
+        return 0  # process 0 reports the run
     summary = {"model_dir": str(result.model_dir), "epochs_run": result.epochs_run,
                "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
     if result.history:
@@ -414,14 +467,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     command = " ".join(filter(None, (args.command, getattr(args, "dataset", None))))
+    code, message, from_peer = _dispatch(args, command)
+    from o2v_jax import cluster
+
+    joined = cluster.active()
+    if joined is not None:  # the other processes must hear how this one ended
+        if code == 0:
+            joined.finish()
+        else:
+            joined.fail(message, code, peer_suspect=from_peer, printed=True)
+    return code
+
+
+def _dispatch(args: argparse.Namespace, command: str) -> tuple[int, str, bool]:
+    """Run the subcommand: (exit code, the error message, whether the error came from a
+    collective operation, i.e. most likely from another process of a cluster)."""
+    from o2v_jax import cluster
+
     try:
-        return args.func(args)
+        return args.func(args), "", False
     except _raised("o2v_jax.movielens", "MovieLensError") as e:  # the data could not be fetched: exit 1, as pip does
         print(f"o2v {command}: error: {e}", file=sys.stderr)
-        return 1
+        return 1, str(e), False
     except (UsageError, FileNotFoundError, *_raised(("o2v_jax.config", "HyperparameterError"),
                                                     ("o2v_jax.data", "DataError"),
-                                                    ("o2v_jax.checkpoint", "ModelDirError"))) as e:
+                                                    ("o2v_jax.checkpoint", "ModelDirError"),
+                                                    ("o2v_jax.cluster", "ClusterError"))) as e:
         message = str(e)
         print(f"o2v {command}: error: {message}", file=sys.stderr)
         if getattr(args, "sagemaker", False) and hasattr(args, "ml_root"):  # a training job
@@ -432,14 +503,23 @@ def main(argv: list[str] | None = None) -> int:
                 failure.write_text(message + "\n")
             except OSError:
                 pass
-        return 2
+        return 2, message, False
     except RunError as e:
         print(f"o2v {command}: error: {e}", file=sys.stderr)
-        return 1
+        return 1, str(e), False
     except KeyboardInterrupt:
         print(f"o2v {command}: interrupted", file=sys.stderr)
-        return 130
+        return 130, "interrupted", False
+    except Exception as e:  # in a cluster, exiting with a traceback would hang the others
+        if cluster.active() is None:
+            raise
+        import traceback
 
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        message = f"{type(e).__name__}: {first}"
+        print(f"o2v {command}: error: {message}", file=sys.stderr)
+        return 1, message, "gloo" in str(e).lower() or "collective" in str(e).lower()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,8 @@ variable                               meaning
                                        ``~/.cache/o2v-jax``
 ``O2V_NATIVE``                         ``0`` turns the native row write-back off
 ``CXX``                                the C++ compiler that builds it
+``JAX_COORDINATOR_PORT``               JAX's: the coordinator port of a Slurm / Open MPI
+                                       job that o2v train detects (docs/distributed.md)
 =====================================  =================================================
 
 docs/serving.md and docs/training.md describe each where it matters.
@@ -98,6 +100,12 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
 def native_disabled(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``O2V_NATIVE=0`` asks for XLA's scatter instead of the native kernel."""
     return _get(environ, NATIVE) == "0"
+
+
+def coordinator_port(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$JAX_COORDINATOR_PORT`` (JAX's own variable, honoured as JAX does when a Slurm or
+    Open MPI job is detected), or None."""
+    return _get(environ, "JAX_COORDINATOR_PORT")
 
 
 def compiler(environ: Mapping[str, str] | None = None) -> str | None:

@@ -79,8 +79,8 @@ def _struct(tree: Any) -> Any:
 class _Part:
     """Parameters one compiled function reads, and where they (and it) run."""
 
-    params: dict  # top-level group name -> subtree of jax arrays on `device`
-    device: Any  # jax.Device
+    params: dict  # top-level group name -> subtree of jax arrays, on `rows`' devices
+    rows: jax.sharding.Sharding  # where a batch's rows go: one device, or split over several
 
 
 class Predictor:
@@ -109,7 +109,8 @@ class Predictor:
                  max_batch_tokens: int = MAX_BATCH_TOKENS,
                  chunk_size: int = CHUNK_SIZE,
                  model_dir: str | Path | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None,
+                 devices: Sequence[Any] | None = None):
         """Place the parameters and build (not yet compile) the functions.
 
         Args:
@@ -123,6 +124,10 @@ class Predictor:
             max_batch_tokens: a length bucket L uses the sizes B with B * L <= this
                 (always at least the smallest size).
             chunk_size: sequences handled at a time (bounds the extra memory).
+            devices: devices the encoders run on, data parallel (None: the first
+                device). With n of them every encoder batch is n times a ladder size,
+                split by rows (each device runs the one-device shapes), the encoders'
+                parameters copied to each; the head stays on one device.
         """
         sizes = tuple(int(b) for b in batch_sizes)
         if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
@@ -138,6 +143,7 @@ class Predictor:
         self.ladders = tuple(length_ladder(n, config.bucket_width) for n in self.max_seq_lens)
         self.batch_sizes = sizes
         self.max_batch_tokens = int(max_batch_tokens)
+        self.devices = tuple(devices) if devices else (jax.devices()[0],)
         self.chunk_size = int(chunk_size)
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.metadata = dict(metadata or {})
@@ -163,26 +169,33 @@ class Predictor:
         CPU in "embedding" mode, next to the encodings it reads (which come back to the
         host between the two steps anyway).
         """
-        accel = jax.devices()[0]
+        accel = self.devices[0]
         try:
             host = jax.devices("cpu")[0]
         except RuntimeError:  # no CPU backend registered: keep everything together
             host = accel
         head_device = host if self.preferred_mode == "embedding" else accel
+        single = jax.sharding.SingleDeviceSharding
+        if len(self.devices) > 1:  # encoder batches split by rows, parameters copied to all
+            mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            encoders = (replicated, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        else:
+            encoders = (single(accel), single(accel))
         # Which top-level groups each compiled function reads: model.py's layout. Groups
         # it does not name go to every part, so a new model attribute stays correct.
         known = {*TABLE_GROUPS, *ENCODER_GROUPS, *HEAD_GROUPS}
         shared = [g for g in params if g not in known]
 
-        def part(groups: Sequence[str], device) -> _Part:
+        def part(groups: Sequence[str], where, rows) -> _Part:
             return _Part(jax.device_put({g: params[g] for g in (*groups, *shared) if g in params},
-                                        device), device)
+                                        where), rows)
 
         parts: dict[Any, _Part] = {}
         tied = self.config.tied_token_embedding_weight
         for side in (0, 1):
-            parts[side] = part(side_groups(side, tied), accel)
-        parts["head"] = part(HEAD_GROUPS, head_device)
+            parts[side] = part(side_groups(side, tied), *encoders)
+        parts["head"] = part(HEAD_GROUPS, single(head_device), single(head_device))
         return parts
 
     def _add_projections(self) -> None:
@@ -230,9 +243,10 @@ class Predictor:
     # ----------------------------------------------------------------- executables
 
     def sizes_for(self, length: int) -> tuple[int, ...]:
-        """The batch sizes a length bucket uses: B * length <= max_batch_tokens."""
+        """The batch sizes a length bucket's encoder uses: B * length <= max_batch_tokens,
+        per device (so n devices take n times each size)."""
         fit = tuple(b for b in self.batch_sizes if b * length <= self.max_batch_tokens)
-        return fit or self.batch_sizes[:1]
+        return tuple(b * len(self.devices) for b in fit or self.batch_sizes[:1])
 
     def executable_keys(self, mode: str | None = None) -> list[Key]:
         """Every shape warmup() compiles, the preferred mode's first.
@@ -264,13 +278,11 @@ class Predictor:
         if key[0] == "encode":
             _, side, b, length = key
             part = self._parts[side]
-            tokens = jax.ShapeDtypeStruct((b, length), jnp.int32,
-                                          sharding=jax.sharding.SingleDeviceSharding(part.device))
+            tokens = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=part.rows)
             fn = self._encode_jit[side].lower(_struct(part.params), tokens).compile()
         else:
             part = self._parts["head"]
-            u = jax.ShapeDtypeStruct((key[1], self.enc_dim), jnp.float32,
-                                     sharding=jax.sharding.SingleDeviceSharding(part.device))
+            u = jax.ShapeDtypeStruct((key[1], self.enc_dim), jnp.float32, sharding=part.rows)
             fn = self._head_jit.lower(_struct(part.params), u, u).compile()
         self._compile_seconds += time.perf_counter() - t0
         log.debug("compiled %s in %.3f s", key, time.perf_counter() - t0)
@@ -462,7 +474,7 @@ def _log_truncated(count: int, encoder: str, max_len: int) -> None:
 def load(model_dir: str | Path, *, preferred_mode: str | None = None,
          compile_cache_dir: str | Path | None = None, warmup: bool = False,
          batch_sizes: Sequence[int] = BATCH_SIZES, max_batch_tokens: int = MAX_BATCH_TOKENS,
-         chunk_size: int = CHUNK_SIZE) -> Predictor:
+         chunk_size: int = CHUNK_SIZE, devices: int | Sequence[Any] | None = None) -> Predictor:
     """Load a model directory written by ``o2v train`` for inference.
 
     Args:
@@ -474,12 +486,20 @@ def load(model_dir: str | Path, *, preferred_mode: str | None = None,
             (process-wide), so a second start loads executables instead of compiling.
         warmup: compile every bucket before returning (see :meth:`Predictor.warmup`).
         batch_sizes, max_batch_tokens, chunk_size: see :class:`Predictor`.
+        devices: spread encoder batches over devices, data parallel, with the same
+            answers: an int n (the first n local devices) or a list of devices; None
+            (default) runs on the first device.
 
     Raises:
         checkpoint.ModelDirError: not a complete model directory.
         ValueError: an invalid preferred mode.
     """
     mode = resolve_preferred_mode(preferred_mode)  # fail before any slow work
+    if isinstance(devices, int):
+        local = jax.local_devices()
+        if not 1 <= devices <= len(local):
+            raise ValueError(f"devices={devices}: this process has {len(local)} local device(s)")
+        devices = local[:devices]
     if compile_cache_dir is not None:
         runtime.enable_compilation_cache(compile_cache_dir)
     config, _ = checkpoint.read_config(model_dir)
@@ -493,7 +513,8 @@ def load(model_dir: str | Path, *, preferred_mode: str | None = None,
     _, params, metadata = checkpoint.load_model(model_dir, target=target)
     predictor = Predictor(config, graphdef, params, preferred_mode=mode,
                           batch_sizes=batch_sizes, max_batch_tokens=max_batch_tokens,
-                          chunk_size=chunk_size, model_dir=model_dir, metadata=metadata)
+                          chunk_size=chunk_size, model_dir=model_dir, metadata=metadata,
+                          devices=devices)
     if warmup:
         predictor.warmup()
     return predictor

@@ -390,53 +390,63 @@ class LazyUpdate:
         return sums, g_rest, grads
 
     def _lazy_update(self, name, table, state, table_rows: TableRows, chunk_grad):
-        """The optax update of only the rows ``rows[:count]`` of a table and its state.
+        return update_rows(self.tx, table, state, table_rows.rows, table_rows.count, chunk_grad,
+                           self.keep.get(name), one_shot=self.one_shot,
+                           native_rows=self.options.native_rows)
 
-        ``chunk_grad(i)`` gives the gradient of rows ``rows[i * ROW_CHUNK:][:ROW_CHUNK]``.
 
-        A loop over ROW_CHUNK-row chunks: gather the chunk's parameters and optimizer
-        state, run ``tx.update`` on them, scatter both back. Chunks keep the work in
-        cache (one read and one write of each touched row), and the loop stops after the
-        last real row, so the padding of ``rows`` costs nothing here. Padding ids are V:
-        gathered with clipping (harmless garbage), dropped by the scatters. One shot
-        (accelerators): the body runs once on all of ``rows``, padding included, and
-        ``chunk_grad(0)`` is the whole (cap, D) gradient.
-        """
-        rows, count, one_shot = table_rows.rows, table_rows.count, self.one_shot
-        native_rows, tx = self.options.native_rows, self.tx
-        vocab = table.shape[0]
-        per_row = lambda x: x.ndim > 0 and x.shape[0] == vocab  # noqa: E731 - state leaves of table shape
-        mask = self.keep.get(name)
-        # One shot: device_rows' ids are sorted and distinct (padding too), so the
-        # scatters need no atomics. Chunks: host rows repeat V as padding.
-        hint = {"indices_are_sorted": True, "unique_indices": True} if one_shot else {}
+def update_rows(tx: optax.GradientTransformation, table, state, rows, count, chunk_grad, mask, *,
+                one_shot: bool, native_rows: bool = True):
+    """The optax update of only the rows ``rows[:count]`` of a table and its state:
+    ``(table, state)``.
 
-        def body(i, carry):
-            table, state = carry
-            idx = rows if one_shot else jax.lax.dynamic_slice_in_dim(rows, i * ROW_CHUNK, ROW_CHUNK)
-            g = chunk_grad(i)
-            p = table.at[idx].get(mode="clip")
-            st = jax.tree.map(lambda x: x.at[idx].get(mode="clip") if per_row(x) else x, state)
-            up, st = tx.update(g, st, p)
-            if mask is not None:
-                up = up * mask.at[idx].get(mode="clip")
-            if one_shot:
-                table = table.at[idx].add(up, mode="drop", **hint)
-                write = lambda full, part: full.at[idx].set(part, mode="drop", **hint)  # noqa: E731
-            else:  # CPU chunks: the native row write-back (native.py), p + up = the add's floats
-                table = native.set_rows(table, idx, p + up, native=native_rows)
-                write = lambda full, part: native.set_rows(full, idx, part, native=native_rows)  # noqa: E731
-            # Scalar leaves (Adam's step count) are written after the loop, once.
-            state = jax.tree.map(lambda full, part: write(full, part) if per_row(full) else full,
-                                 state, st)
-            return table, state
+    ``chunk_grad(i)`` gives the gradient of rows ``rows[i * ROW_CHUNK:][:ROW_CHUNK]``;
+    ``mask`` (V, 1) multiplies the updates (0 = frozen row), or None.
 
+    A loop over ROW_CHUNK-row chunks: gather the chunk's parameters and optimizer
+    state, run ``tx.update`` on them, scatter both back. Chunks keep the work in
+    cache (one read and one write of each touched row), and the loop stops after the
+    last real row, so the padding of ``rows`` costs nothing here. Padding ids are >= V:
+    gathered with clipping (harmless garbage), dropped by the scatters. One shot
+    (accelerators): the body runs once on all of ``rows``, padding included, and
+    ``chunk_grad(0)`` is the whole (cap, D) gradient; ``rows`` must then be sorted and
+    distinct, padding included (as :func:`device_rows` makes them).
+
+    It sees one table as it is: a row-sharded table's shard under ``shard_map`` works
+    the same (o2v_jax.sharded), with ``rows`` local to the shard.
+    """
+    vocab = table.shape[0]
+    per_row = lambda x: x.ndim > 0 and x.shape[0] == vocab  # noqa: E731 - state leaves of table shape
+    # One shot: the ids are sorted and distinct (padding too), so the scatters need no
+    # atomics. Chunks: host rows repeat V as padding.
+    hint = {"indices_are_sorted": True, "unique_indices": True} if one_shot else {}
+
+    def body(i, carry):
+        table, state = carry
+        idx = rows if one_shot else jax.lax.dynamic_slice_in_dim(rows, i * ROW_CHUNK, ROW_CHUNK)
+        g = chunk_grad(i)
+        p = table.at[idx].get(mode="clip")
+        st = jax.tree.map(lambda x: x.at[idx].get(mode="clip") if per_row(x) else x, state)
+        up, st = tx.update(g, st, p)
+        if mask is not None:
+            up = up * mask.at[idx].get(mode="clip")
         if one_shot:
-            table, new_state = body(0, (table, state))
-        else:
-            chunks = (count + ROW_CHUNK - 1) // ROW_CHUNK
-            table, new_state = jax.lax.fori_loop(0, chunks, body, (table, state))
-        # The scalar leaves as one update of no rows computes them (e.g. count + 1).
-        empty = lambda x: x[:0] if per_row(x) else x  # noqa: E731
-        _, scalars = tx.update(table[:0], jax.tree.map(empty, state), table[:0])
-        return table, jax.tree.map(lambda full, s: full if per_row(full) else s, new_state, scalars)
+            table = table.at[idx].add(up, mode="drop", **hint)
+            write = lambda full, part: full.at[idx].set(part, mode="drop", **hint)  # noqa: E731
+        else:  # CPU chunks: the native row write-back (native.py), p + up = the add's floats
+            table = native.set_rows(table, idx, p + up, native=native_rows)
+            write = lambda full, part: native.set_rows(full, idx, part, native=native_rows)  # noqa: E731
+        # Scalar leaves (Adam's step count) are written after the loop, once.
+        state = jax.tree.map(lambda full, part: write(full, part) if per_row(full) else full,
+                             state, st)
+        return table, state
+
+    if one_shot:
+        table, new_state = body(0, (table, state))
+    else:
+        chunks = (count + ROW_CHUNK - 1) // ROW_CHUNK
+        table, new_state = jax.lax.fori_loop(0, chunks, body, (table, state))
+    # The scalar leaves as one update of no rows computes them (e.g. count + 1).
+    empty = lambda x: x[:0] if per_row(x) else x  # noqa: E731
+    _, scalars = tx.update(table[:0], jax.tree.map(empty, state), table[:0])
+    return table, jax.tree.map(lambda full, s: full if per_row(full) else s, new_state, scalars)

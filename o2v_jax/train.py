@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from o2v_jax import checkpoint, native, row_sparse
+from o2v_jax import checkpoint, mesh, native, row_sparse, runtime, sharded
 from o2v_jax.buckets import Batch, batches, prefetch
 from o2v_jax.config import Config
 from o2v_jax.data import PairData
@@ -263,34 +263,38 @@ class _Run:
 
 
 def _resume(run: _Run, model_dir: Path, config: Config, seed: int, validation: bool,
-            pretrained: tuple[Pretrained | None, Pretrained | None]) -> _Run:
+            pretrained: tuple[Pretrained | None, Pretrained | None],
+            placement: mesh.Placement | None = None) -> _Run:
     """``run`` continued from the training state saved in ``model_dir`` (unchanged when
-    there is none).
+    there is none), on ``placement``'s mesh (None: one device), whatever mesh saved it.
 
     Raises:
       checkpoint.ModelDirError: the state was saved for other hyperparameters or seed,
         or it predates saved frozen-row masks and no auxiliary channel was given.
     """
     params = run.state.params
+    saved_info = checkpoint.training_info(model_dir)
+    if saved_info is not None and (saved_info["hyperparameters"] != config.to_hyperparameters()
+                                   or saved_info["seed"] != seed):
+        raise checkpoint.ModelDirError(
+            f"{model_dir}: the saved training state was made with other "
+            f"hyperparameters or seed; resume needs the same ones")
 
     def target(info: dict[str, Any]) -> dict[str, Any]:
         # The frozen-row masks are part of the state (so resuming needs no auxiliary
         # channel); states saved before they were have no "frozen_tables".
         keep = {name: np.ones((params[name]["embedding"].shape[0], 1), np.float32)
                 for name in info.get("frozen_tables", ())}
-        return {"params": params, "opt_state": run.state.opt_state,
+        tree = {"params": params, "opt_state": run.state.opt_state,
                 "best": params if validation else {},
                 **({"keep": keep} if "frozen_tables" in info else {})}
+        return tree if placement is None else placement.restore_target(tree)
 
     restored = checkpoint.load_training_state(model_dir, target)
     if restored is None:
         log.warning("--resume: no training state in %s; starting from epoch 0", model_dir)
         return run
     saved, info = restored
-    if info["hyperparameters"] != config.to_hyperparameters() or info["seed"] != seed:
-        raise checkpoint.ModelDirError(
-            f"{model_dir}: the saved training state was made with other "
-            f"hyperparameters or seed; resume needs the same ones")
     keep = run.keep
     if "keep" in saved:
         keep = {name: jnp.asarray(mask) for name, mask in saved["keep"].items()}
@@ -301,7 +305,7 @@ def _resume(run: _Run, model_dir: Path, config: Config, seed: int, validation: b
             f"resume it with the auxiliary channel it was trained with")
     log.info("Resuming from epoch %d (global step %d)", info["epoch"] + 1, info["global_step"])
     step = info["global_step"]
-    return _Run(state=TrainState(saved["params"], saved["opt_state"], jnp.asarray(step, jnp.int32)),
+    return _Run(state=TrainState(saved["params"], saved["opt_state"], _step(step, placement)),
                 keep=keep, best_params=saved["best"] if validation else None,
                 stopper=EarlyStopping(config.early_stopping_patience,
                                       config.early_stopping_tolerance,
@@ -309,7 +313,12 @@ def _resume(run: _Run, model_dir: Path, config: Config, seed: int, validation: b
                 history=info["history"], epoch=info["epoch"] + 1, global_step=step)
 
 
-def _save_state(run: _Run, model_dir: Path, config: Config, seed: int, validation: bool) -> None:
+def _step(step: int, placement: mesh.Placement | None) -> jax.Array:
+    return jnp.asarray(step, jnp.int32) if placement is None else placement.scalar(step)
+
+
+def _save_state(run: _Run, model_dir: Path, config: Config, seed: int, validation: bool,
+                sharded_state: bool = False) -> None:
     """Checkpoint the run after epoch ``run.epoch - 1`` (what ``resume`` restores)."""
     checkpoint.save_training_state(
         model_dir,
@@ -317,7 +326,8 @@ def _save_state(run: _Run, model_dir: Path, config: Config, seed: int, validatio
          "best": run.best_params if validation else {}, "keep": run.keep},
         {"epoch": run.epoch - 1, "global_step": run.global_step, "history": run.history,
          "seed": seed, "frozen_tables": sorted(run.keep), "losses": run.stopper.losses,
-         "bad": run.stopper.bad, "hyperparameters": config.to_hyperparameters()})
+         "bad": run.stopper.bad, "hyperparameters": config.to_hyperparameters()},
+        sharded=sharded_state)
 
 
 def train(
@@ -334,6 +344,8 @@ def train(
     emit: Callable[[str], None] = functools.partial(print, flush=True),  # lines reach a pipe as written
     progress: bool | None = None,
     stop_after_epochs: int | None = None,
+    devices: int | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train an Object2Vec model and save the kept parameters to ``model_dir``.
 
@@ -346,21 +358,47 @@ def train(
 
     ``stop_after_epochs`` ends the run early after that many epochs *without* finishing it
     (it simulates an interruption for tests and for time-boxed runs).
+
+    ``devices``: how many of this process's devices to train on (None: all of them).
+    One process on one device runs the steps of this module; otherwise the run is data
+    parallel over a mesh of every process's devices (o2v_jax.mesh, o2v_jax.sharded),
+    every process calls this with the same arguments, and process 0 alone emits metric
+    lines and writes the model (docs/distributed.md). ``checkpoint_dir``: where the
+    per-epoch state goes (default ``model_dir``; with several processes, a filesystem
+    they all share, else no state is saved).
     """
     model_dir, validating = Path(model_dir), validation is not None
-    layout = default_layout()
+    state_dir = model_dir if checkpoint_dir is None else Path(checkpoint_dir)
+    placement = mesh.for_training(config, devices)  # None: one device, the steps above
+    layout = default_layout() if placement is None else sharded.MODEL_LAYOUT
     graphdef, params, keep = init_params(config, seed, pretrained, layout=layout)
-    opt_state = jax.jit(functools.partial(init_opt_state, make_optimizer(config)))(params)
-    run = _Run(TrainState(params, opt_state, jnp.asarray(0, jnp.int32)), keep,
+    init_opt = functools.partial(init_opt_state, make_optimizer(config))
+    if placement is None:
+        opt_state = jax.jit(init_opt)(params)
+    else:
+        log.info("%s", placement.describe())
+        params, keep = placement.place_params(params), placement.place_keep(keep)
+        opt_state = placement.init_opt(init_opt, params)
+        if not placement.is_main:  # process 0 alone prints metric lines
+            emit, progress = (lambda line: None), False
+        if not runtime.shared_directory(state_dir / "training"):
+            log.warning("%s is not shared by all processes: no training state is saved "
+                        "(no --resume); give --checkpoint-dir on a shared filesystem", state_dir)
+            state_dir = None
+    run = _Run(TrainState(params, opt_state, _step(0, placement)), keep,
                EarlyStopping(config.early_stopping_patience, config.early_stopping_tolerance))
-    if resume:
-        run = _resume(run, model_dir, config, seed, validating, pretrained)
-    steps = build_steps(graphdef, config, run.keep, layout=layout)
+    if resume and state_dir is not None:
+        run = _resume(run, state_dir, config, seed, validating, pretrained, placement)
+    steps = (build_steps(graphdef, config, run.keep, layout=layout) if placement is None else
+             sharded.MeshSteps(graphdef, config, run.keep, placement=placement))
     # metrics.jsonl holds exactly the epochs of run.history: fresh runs start it empty,
     # resumed ones rewrite the saved epochs (docs/training.md, "What a run leaves").
-    model_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = model_dir / METRICS_FILE
-    write_history(metrics_path, run.history)
+    # Process 0 alone writes it, as it alone writes the model.
+    metrics_path = None
+    if placement is None or placement.is_main:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = model_dir / METRICS_FILE
+        write_history(metrics_path, run.history)
     dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
     start_epoch, stopped_early = run.epoch, False
     while run.epoch < config.epochs:
@@ -371,7 +409,8 @@ def train(
         records, epoch_iter = epoch_batches(train_data, config, seed, epoch)
         parts = []
         with _progress(records, f"epoch {epoch}", progress) as bar:
-            for batch, real in staged(epoch_iter, layout):
+            # Mesh steps take host batches: they find the rows and feed each process's part.
+            for batch, real in staged(epoch_iter, layout if placement is None else "cpu"):
                 run.state, sums = steps.train_step(run.state, batch, dropout_root)
                 parts.append(sums)
                 run.global_step += 1
@@ -393,13 +432,16 @@ def train(
                 emit(quality_line(host, "validation", name, value, epoch))
             stop = run.stopper.update(val_metrics[config.validation_metric])
             if run.stopper.best_epoch == epoch:
-                run.best_params = jax.tree.map(np.array, run.state.params)
+                run.best_params = (jax.tree.map(np.array, run.state.params) if placement is None
+                                   else placement.snapshot(run.state.params))
         run.history.append(record)
-        append_record(metrics_path, record)
+        if metrics_path is not None:
+            append_record(metrics_path, record)
         emit(f"#progress_metric: host={host}, completed {100.0 * (epoch + 1) / config.epochs} % of epochs")
         emit(f"#throughput_metric: host={host}, train throughput={record['records_per_second']:.2f} records/second")
         run.epoch = epoch + 1
-        _save_state(run, model_dir, config, seed, validating)
+        if state_dir is not None:
+            _save_state(run, state_dir, config, seed, validating, placement is not None)
         if stop:
             emit("Bad epochs exceeded patience. Stopping training early!")
             stopped_early = True
@@ -423,9 +465,15 @@ def train(
         "num_records": {"train": len(train_data), "validation": len(validation) if validating else 0,
                         "test": len(test) if test is not None else 0},
     }
-    checkpoint.save_model(model_dir, hyperparameters=config.to_hyperparameters(),
-                          params=params, metadata=metadata)
-    checkpoint.clear_training_state(model_dir)
+    if placement is not None:
+        params = placement.to_host(params)  # every process takes part
+    if placement is None or placement.is_main:
+        checkpoint.save_model(model_dir, hyperparameters=config.to_hyperparameters(),
+                              params=params, metadata=metadata)
+        if state_dir is not None:
+            checkpoint.clear_training_state(state_dir)
+    if placement is not None:
+        runtime.barrier("model-saved")
     return TrainResult(model_dir, run.epoch, best_epoch, run.history, test_metrics, stopped_early)
 
 

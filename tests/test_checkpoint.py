@@ -129,3 +129,38 @@ def test_copy_model_refuses_what_it_must_not_replace(tmp_path):
     checkpoint.copy_model(model_dir, other, overwrite=True)
     _, replaced, _ = checkpoint.load_model(other)
     np.testing.assert_array_equal(replaced["embed0"]["embedding"], params(0)["embed0"]["embedding"])
+def test_fingerprints_ignore_zero_padding_rows_and_catch_any_changed_bit():
+    # A mesh pads a table with zero rows to a multiple of its devices; its checkpoint
+    # must check the same whatever the padding (o2v_jax.mesh), and still catch damage.
+    table = params()["embed0"]["embedding"]
+    padded = np.concatenate([table, np.zeros((4, 16), np.float32)])
+    fp = checkpoint.fingerprints({"t": table})["t"]
+    assert fp.startswith("fp64:") and len(fp) == 21
+    assert checkpoint.fingerprints({"t": padded})["t"] == fp
+    flipped = table.copy()
+    flipped.view(np.uint32)[17, 3] ^= 1 << 9
+    assert checkpoint.fingerprints({"t": flipped})["t"] != fp
+    swapped = table.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same values in other places: another array
+    assert checkpoint.fingerprints({"t": swapped})["t"] != fp
+    scalars = checkpoint.fingerprints({"n": np.int32(7), "b": np.array([True, False])})
+    assert scalars["n"] != checkpoint.fingerprints({"n": np.int32(6)})["n"]
+
+
+def test_a_training_state_restores_into_another_row_count(tmp_path):
+    # What resuming on another mesh relies on: the rows past V are padding (zeros), so
+    # a state saved with 12 rows fits a run that needs 10 or 16, its fingerprints checked.
+    table = np.zeros((12, 3), np.float32)
+    table[:10] = np.arange(30, dtype=np.float32).reshape(10, 3) + 1
+    checkpoint.save_training_state(tmp_path, {"t": table, "s": np.int32(3)}, {"epoch": 0},
+                                   sharded=True)
+    manifest = json.loads((tmp_path / "training" / "state.json").read_text())
+    assert all(v.startswith("fp64:") for v in manifest["checksums"].values())
+    for rows in (10, 16):
+        restored, _ = checkpoint.load_training_state(
+            tmp_path, {"t": np.zeros((rows, 3), np.float32), "s": np.int32(0)})
+        np.testing.assert_array_equal(restored["t"][:10], table[:10])
+        assert restored["t"].shape == (rows, 3) and not restored["t"][10:].any()
+    with pytest.raises(ModelDirError, match=r"array 00001 was saved with shape \(12, 3\), this run "
+                                            r"needs \(12, 4\)"):
+        checkpoint.load_training_state(tmp_path, {"s": np.int32(0), "t": np.zeros((12, 4), np.float32)})

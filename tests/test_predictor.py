@@ -5,10 +5,12 @@ INFERENCE_PREFERRED_MODE, the compile cache. respond() with a predictor: test_ap
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -354,3 +356,33 @@ def test_persistent_compile_cache_serves_a_second_process(model_dir, tmp_path):
     assert first["compiles"] >= first["executables"] > 0 and first["compiles"] > first["hits"]
     assert any(tmp_path.iterdir())
     assert second["hits"] == second["compiles"] >= second["executables"]
+
+
+# --------------------------------------------------------------------------- devices
+
+DEVICES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from conftest import group_pairs
+    from o2v_jax.predictor import load
+    seqs = [r["in0"] for r in group_pairs(300, 5)]  # lengths 1..8: several length buckets
+    one = load(sys.argv[1], batch_sizes=(1, 8, 64))
+    four = load(sys.argv[1], batch_sizes=(1, 8, 64), devices=4)
+    a, b = one.embed(seqs), four.embed(seqs, encoder="in0")
+    pa, pb = one.predict(seqs[:40], seqs[40:80]), four.predict(seqs[:40], seqs[40:80])
+    part = four._parts[0].params["embed0"]["embedding"]
+    print(json.dumps({"embed": float(np.abs(a - b).max()), "predict": float(np.abs(pa - pb).max()),
+                      "sizes": four.sizes_for(8), "placed_on": len(part.sharding.device_set)}))
+""")
+
+
+def test_embed_over_four_devices_gives_the_answers_of_one(model_dir):
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT, str(model_dir)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["placed_on"] == 4 and out["sizes"] == [4, 32, 256]  # each device: 1, 8, 64 rows
+    assert out["embed"] < ATOL and out["predict"] < ATOL
