@@ -23,6 +23,12 @@ What ``prepare`` writes (all seeded, so a second run writes the same bytes):
 * ``train.jsonl``, ``validation.jsonl``, ``test.jsonl``: ``{"in0": title ids, "in1":
   review ids, "label": 1}``, one per review; ``vocab.json`` (the words, index = id) and
   ``info.json`` (counts, seed, source).
+* ``ict.jsonl``: self-supervised pairs from the TRAIN reviews only, in the manner of the
+  inverse cloze task (Lee, Chang & Toutanova, ACL 2019): each sentence of a review with
+  at least two sentences -> the rest of that review, ``{"in0": sentence ids, "in1":
+  the other sentences' ids, "label": 1}``. Sentences end at ``.``, ``!``, ``?`` or a
+  line break (``sentences``). This lives here, not in o2v_jax: the library sees token
+  ids, and where a sentence ends is the user's tokenizer's business.
 
     python benchmarks/womens_reviews.py --out runs/womens [--seed 0]
 """
@@ -56,6 +62,7 @@ VALIDATION_PAIRS = 2000
 PAD, OOV = 0, 1
 SEED = 0
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+_SENTENCE_END = re.compile(r"[.!?]+|\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Prepared:
     train: Path
     validation: Path
     test: Path
+    ict: Path  # inverse-cloze pairs of the train reviews
     vocab_size: int  # ids 0..vocab_size-1, i.e. enc*_vocab_size for a model
     counts: dict  # pairs per split, reviews kept, OOV rates
 
@@ -90,6 +98,20 @@ def read_reviews(path: Path) -> list[tuple[str, str]]:
 def tokenize(text: str) -> list[str]:
     """Lowercased words: runs of letters and digits, an inner apostrophe kept."""
     return _WORD.findall(text.lower())
+
+
+def sentences(text: str) -> list[list[str]]:
+    """The text's sentences as word lists (``tokenize``), empty ones dropped."""
+    return [words for part in _SENTENCE_END.split(text) if (words := tokenize(part))]
+
+
+def ict_pairs(text: str) -> list[tuple[list[str], list[str]]]:
+    """(sentence, the rest of the text) for every sentence of a text with two or more."""
+    sents = sentences(text)
+    if len(sents) < 2:
+        return []
+    return [(s, [w for k, other in enumerate(sents) if k != j for w in other])
+            for j, s in enumerate(sents)]
 
 
 def split(texts: list[tuple[str, ...]], *, seed: int, test_pairs: int,
@@ -149,10 +171,19 @@ def prepare(out_dir: Path | str, *, cache_dir: Path | str | None = None, seed: i
         paths[name].write_text("\n".join(lines) + "\n")
         counts[name] = {"pairs": len(rows), "oov_rate": oov / max(tokens, 1),
                         "empty_titles": sum(1 for i in rows if not titles[i])}
+    ict = []
+    for i in train_rows:
+        for sentence, rest in ict_pairs(reviews[i][1]):
+            ict.append(json.dumps({"in0": [ids.get(w, OOV) for w in sentence],
+                                   "in1": [ids.get(w, OOV) for w in rest], "label": 1},
+                                  separators=(",", ":")))
+    paths["ict"] = out / "ict.jsonl"
+    paths["ict"].write_text("\n".join(ict) + "\n")
+    counts["ict"] = {"pairs": len(ict), "from_train_reviews": int(train_rows.size)}
     (out / "vocab.json").write_text(json.dumps(words, ensure_ascii=False) + "\n")
     (out / "info.json").write_text(json.dumps(counts, indent=2) + "\n")
     return Prepared(out_dir=out, train=paths["train"], validation=paths["validation"],
-                    test=paths["test"], vocab_size=len(words), counts=counts)
+                    test=paths["test"], ict=paths["ict"], vocab_size=len(words), counts=counts)
 
 
 def read_pairs(path: Path) -> tuple[list[list[int]], list[list[int]]]:

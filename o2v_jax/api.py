@@ -197,6 +197,11 @@ def evaluate(model: Predictor | str | Path, data: Channel) -> dict[str, float]:
         raise ValueError("evaluate needs a model with a model directory (from o2v_jax.train "
                          "or o2v_jax.load); this Predictor was built in memory")
     config, _ = checkpoint.read_config(model_dir)
+    if config.objective == "contrastive":
+        # Its comparator and MLP were never trained: their loss would mean nothing.
+        raise checkpoint.ModelDirError(
+            f"{model_dir}: this model was trained with objective=contrastive, for retrieval; "
+            f"evaluate it with `o2v evaluate --retrieval` (o2v_jax.evaluate_retrieval)")
     pairs = pair_data(data, config, name="evaluation")  # bad data fails before the slow part
     config, steps, params = load_for_evaluation(model_dir)
     return evaluate_params(steps, params, pairs, config)

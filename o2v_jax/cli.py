@@ -180,18 +180,49 @@ def _run_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="print a saved model's metrics on a labelled JSON Lines file",
-                       description="Score a labelled JSON Lines file (or directory) with a saved "
-                                   "model and print SageMaker's metrics as JSON.")
+    from o2v_jax.lexical import SCORERS
+
+    p = sub.add_parser(
+        "evaluate", help="print a saved model's metrics on a labelled JSON Lines file",
+        description="Score a labelled JSON Lines file (or directory) with a saved model and "
+                    "print SageMaker's metrics as JSON. With --retrieval: every distinct in0 "
+                    "of the file ranks every distinct in1 by the cosine of their embeddings "
+                    "(label 1 or no label: relevant; label 0: a candidate only); prints "
+                    "#quality_metric lines, then hits@1/5/10, mrr, ndcg@10 as JSON. See "
+                    "docs/retrieval.md.",
+        epilog="examples:\n"
+               "  o2v evaluate --model-dir runs/m1 --data data/test.jsonl\n"
+               "  o2v evaluate --model-dir runs/m1 --data pairs.jsonl --retrieval --baseline bm25\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True, help="a directory written by `o2v train`")
     p.add_argument("--data", type=Path, required=True, help="labelled JSON Lines file or directory")
+    p.add_argument("--retrieval", action="store_true",
+                   help="retrieval metrics of the file's pairs instead of SageMaker's")
+    p.add_argument("--baseline", action="append", default=[], choices=sorted(SCORERS),
+                   help="with --retrieval: also score this lexical baseline on the same token "
+                        "ids (repeatable)")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from o2v_jax.api import evaluate
+    if args.baseline and not args.retrieval:
+        raise UsageError("--baseline compares retrieval metrics: it needs --retrieval")
+    if args.retrieval:
+        from o2v_jax.data import DataError
+        from o2v_jax.ranking import evaluate_retrieval, quality_lines
 
-    metrics = evaluate(args.model_dir, args.data)
+        try:
+            metrics = evaluate_retrieval(args.model_dir, args.data, baselines=args.baseline)
+        except DataError:
+            raise  # already names file:line
+        except ValueError as e:  # e.g. no query of the file has a relevant candidate
+            raise UsageError(f"{args.data}: {e}") from None
+        for line in quality_lines("algo-1", "test", metrics):
+            print(line, flush=True)
+    else:
+        from o2v_jax.api import evaluate
+
+        metrics = evaluate(args.model_dir, args.data)
     print(json.dumps(metrics, sort_keys=True), flush=True)
     return 0
 

@@ -5,6 +5,11 @@ the one table of every hyperparameter (name, type, valid range, container defaul
 spec §2.1-§2.2), parses a map into a frozen, validated :class:`Config`, applies the
 coupling rules of spec §2.4, and turns a :class:`Config` back into the resolved map
 that is printed at start-up and stored with the model.
+
+A few hyperparameters are o2v extensions, not SageMaker's (``Spec.extension``; docs/
+hyperparameters.md, "o2v extensions"): SageMaker's names, defaults and behaviour are
+unchanged while they keep their defaults, and a resolved map names them only when
+they are in use, so maps of SageMaker models stay exactly what they were.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ ACTIVATIONS = ("tanh", "relu", "linear")
 OUTPUT_LAYERS = ("softmax", "mean_squared_error")
 OPTIMIZERS = ("adadelta", "adagrad", "adam", "sgd", "rmsprop")
 STORAGE_TYPES = ("dense", "row_sparse")
+OBJECTIVES = ("pair", "contrastive")  # o2v extension (issue 21); pair is SageMaker's
 # Optimizers MXNet can run with lazy row-wise updates (spec §2.2, row_sparse).
 ROW_SPARSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 # `layers=auto` per network (spec §2.2: 4 for hcnn, 1 for bilstm; pooled ignores it).
@@ -47,6 +53,7 @@ class Spec:
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] = ()
+    extension: bool = False  # an o2v extension, not one of SageMaker's hyperparameters
 
     def describe(self) -> str:
         if self.kind in ("int", "float"):
@@ -105,6 +112,17 @@ SPECS: dict[str, Spec] = {
     "negative_sampling_rate": Spec("int", "0", 0, None),
     "tied_token_embedding_weight": Spec("bool", "false"),
     "token_embedding_storage_type": Spec("choice", "dense", choices=STORAGE_TYPES),
+    # o2v extensions (docs/hyperparameters.md, "o2v extensions").
+    "objective": Spec("choice", "pair", choices=OBJECTIVES, extension=True),
+    "contrastive_temperature": Spec("float", "0.05", 0.001, 10.0, extension=True),
+}
+
+# objective=contrastive: the defaults of the keys a map does not set (the settings
+# benchmarks/bench_retrieval.py chose on validation; docs/hyperparameters.md says why).
+# Keys the map sets keep their value; everything else keeps its SPECS default.
+CONTRASTIVE_DEFAULTS: dict[str, str] = {
+    "tied_token_embedding_weight": "true",
+    "mini_batch_size": "256",
 }
 
 # Encoder settings that `enc1_network=enc0` copies from enc0 (spec §2.4, issue #834).
@@ -155,6 +173,8 @@ class Config:
     negative_sampling_rate: int
     tied_token_embedding_weight: bool
     token_embedding_storage_type: str
+    objective: str  # pair (SageMaker's classifier) | contrastive (in-batch ranking)
+    contrastive_temperature: float  # softmax temperature of objective=contrastive
 
     @property
     def encoders(self) -> tuple[EncoderConfig, EncoderConfig]:
@@ -175,7 +195,10 @@ class Config:
 
     @property
     def validation_metric(self) -> str:
-        """The loss early stopping watches (spec §4.8)."""
+        """The validation metric early stopping watches (spec §4.8): a loss, or the
+        retrieval MRR for objective=contrastive (metrics.stopping_loss turns it into one)."""
+        if self.objective == "contrastive":
+            return "mrr"
         return "mean_squared_error" if self.is_regression else "cross_entropy"
 
     def to_hyperparameters(self) -> dict[str, str]:
@@ -193,6 +216,9 @@ class Config:
             if f.name in ("enc0", "enc1", "enc1_is_enc0"):
                 continue
             value = getattr(self, f.name)
+            spec = SPECS[f.name]
+            if spec.extension and self.objective == "pair" and value == _parse(f.name, spec, spec.default):
+                continue  # not in use: the map stays SageMaker's
             out[f.name] = ", ".join(value) if f.name == "comparator_list" else _to_str(value)
         return dict(sorted(out.items()))
 
@@ -314,6 +340,23 @@ def _accept_coupled_token_dims(coupled: Mapping[str, tuple[int, str]], values: d
         del errors[at]
 
 
+def _contrastive_rules(given: Mapping[str, str], values: dict[str, Any], errors: list[str],
+                       enc0: EncoderConfig | None, enc1: EncoderConfig | None) -> None:
+    """objective=contrastive's coupling rules (docs/hyperparameters.md, "o2v extensions")."""
+    # Labels are read as 1 = positive pair, 0 = hard negative: the softmax rule with two
+    # classes is exactly that check.
+    for name, needed in (("output_layer", "softmax"), ("num_classes", 2)):
+        if name in values and values[name] != needed:
+            errors.append(f"{name}={values[name]} is invalid with objective=contrastive: "
+                          f"expected {needed} (labels are 1 = positive pair, 0 = negative)")
+    # The tied table is only a default: encoders with different tables keep their own.
+    if "tied_token_embedding_weight" not in given and enc0 and enc1 and any(
+            getattr(enc0, k) != getattr(enc1, k) for k in ("vocab_size", "token_embedding_dim")):
+        log.info("objective=contrastive: enc0 and enc1 have different token tables, so "
+                 "tied_token_embedding_weight stays false")
+        values["tied_token_embedding_weight"] = False
+
+
 def from_hyperparameters(mapping: Mapping[str, Any]) -> Config:
     """Validate a SageMaker hyperparameter map and resolve it into a :class:`Config`.
 
@@ -338,8 +381,12 @@ def from_hyperparameters(mapping: Mapping[str, Any]) -> Config:
     # Token dims outside the user-facing range wait for the networks and enc_dim: a
     # pooled_embedding encoder's may be the value its coupling rule sets (see below).
     coupled: dict[str, tuple[int, str]] = {}
+    defaults = {name: spec.default for name, spec in SPECS.items()}
+    contrastive = given.get("objective", "").strip().lower() == "contrastive"
+    if contrastive:
+        defaults.update(CONTRASTIVE_DEFAULTS)
     for name, spec in SPECS.items():
-        raw = given.get(name, spec.default)
+        raw = given.get(name, defaults[name])
         if raw is None:
             continue
         try:
@@ -370,6 +417,8 @@ def from_hyperparameters(mapping: Mapping[str, Any]) -> Config:
                           f"{', '.join(ROW_SPARSE_OPTIMIZERS)}")
     enc0, enc1 = (_resolve_encoder("enc0" if enc1_is_enc0 else name, values)
                   for name in ("enc0", "enc1"))
+    if contrastive:
+        _contrastive_rules(given, values, errors, enc0, enc1)
     if values.get("tied_token_embedding_weight") and enc0 and enc1:
         for key in ("vocab_size", "token_embedding_dim"):
             if getattr(enc0, key) != getattr(enc1, key):

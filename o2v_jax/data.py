@@ -79,11 +79,21 @@ class Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     in1: list[int]
 
 
+class _PairRecord(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A record of a retrieval pairs file: the label may be left out (= 1, relevant)."""
+
+    in0: list[int]
+    in1: list[int]
+    label: float = 1.0
+
+
 _RECORD = msgspec.json.Decoder(Record)
+_PAIR_RECORD = msgspec.json.Decoder(_PairRecord)
 _AT_PATH = re.compile(r"(.*) - at `\$(.*)`")
 
 
-def read_channel(path: str | Path, config: Config, *, name: str = "train") -> PairData:
+def read_channel(path: str | Path, config: Config, *, name: str = "train",
+                 pairs: bool = False) -> PairData:
     """Read a JSON Lines channel: a file, or every regular file under a directory.
 
     Files are read in sorted path order; hidden files and directories (``.name``) are
@@ -94,6 +104,10 @@ def read_channel(path: str | Path, config: Config, *, name: str = "train") -> Pa
         path: the channel file or directory (e.g. ``/opt/ml/input/data/train``).
         config: gives num_classes/output_layer (label rules), vocab_size and max_seq_len.
         name: the channel name, for messages.
+        pairs: read a retrieval pairs file instead (``o2v evaluate --retrieval``): every
+            record still needs ``in0`` and ``in1``, but its label may be left out, which
+            reads as 1 (relevant), and a label must be 1 or 0 (a candidate only)
+            whatever the output layer. Training channels keep the strict format.
 
     Returns:
         The records, in file order.
@@ -106,7 +120,7 @@ def read_channel(path: str | Path, config: Config, *, name: str = "train") -> Pa
     acc = Columns()
     with gc_paused():
         for file in files:
-            _read_file(file, config, acc)
+            _read_file(file, config, acc, pairs)
     if not acc.labels.size:
         raise DataError(f"channel {name}: no records in {path}")
     data = acc.build(str(path))
@@ -196,7 +210,7 @@ class Columns:
                         (self.truncated[0], self.truncated[1]))
 
     def add(self, labels: np.ndarray, sides: Sequence[Sides], config: Config,
-            where: Callable[[int], str]) -> None:
+            where: Callable[[int], str], pairs: bool = False) -> None:
         """Check one chunk of records and append it.
 
         Args:
@@ -206,13 +220,14 @@ class Columns:
             config: label rules, vocab_size and max_seq_len.
             where: record index within the chunk -> its place, for messages
                 ("file:line", or a record path like "train[3]").
+            pairs: the labels of a retrieval pairs file (1 or 0, read_channel).
 
         Raises:
             DataError: for the chunk's first record (in order) with a bad label or id,
                 as ``"<where>: field "<name>": <what was expected>"``.
         """
         problems: list[tuple[int, str]] = []  # (record, message); the smallest record is reported
-        bad, expected = _bad_label(labels, config)
+        bad, expected = _bad_pair_label(labels) if pairs else _bad_label(labels, config)
         if bad is not None:
             problems.append((bad, f'field "label": expected {expected}, got {_num(labels[bad])}'))
         checked = []
@@ -254,31 +269,32 @@ def _is_record(line: bytes) -> bool:
     return bool(line) and not line.isspace()
 
 
-def _read_file(file: Path, config: Config, acc: Columns) -> None:
+def _read_file(file: Path, config: Config, acc: Columns, pairs: bool = False) -> None:
+    decoder = _PAIR_RECORD if pairs else _RECORD
     with open(file, "rb") as f:
         for first_line, chunk in _line_chunks(f):
             lines = chunk.split(b"\n")
             where = functools.partial(_where, file, first_line, lines)
             try:
                 # _is_record inlined: this is the per-line hot loop of a channel read.
-                records = [_RECORD.decode(line) for line in lines if line and not line.isspace()]
+                records = [decoder.decode(line) for line in lines if line and not line.isspace()]
             except (msgspec.MsgspecError, UnicodeDecodeError):  # a bad key's UTF-8: the latter
-                records, error = _decode_until_error(file, first_line, lines)
-                add_records(records, config, acc, where)  # an earlier line's problem comes first
+                records, error = _decode_until_error(file, first_line, lines, decoder)
+                add_records(records, config, acc, where, pairs)  # an earlier line's problem comes first
                 raise error from None
             if records:
-                add_records(records, config, acc, where)
+                add_records(records, config, acc, where, pairs)
 
 
 def add_records(records: Sequence[Record], config: Config, acc: Columns,
-                where: Callable[[int], str]) -> None:
+                where: Callable[[int], str], pairs: bool = False) -> None:
     """Check and append decoded records (:meth:`Columns.add`); ``where(i)`` places record i."""
     labels = np.fromiter((r.label for r in records), np.float64, count=len(records))
     sides = []
     for side in (0, 1):
         seqs = [r.in1 if side else r.in0 for r in records]
         sides.append((*flatten(seqs), seqs))  # msgspec checked the types: flatten cannot fail
-    acc.add(labels, sides, config, where)
+    acc.add(labels, sides, config, where, pairs)
 
 
 def _bad_label(labels: np.ndarray, config: Config) -> tuple[int | None, str]:
@@ -293,6 +309,13 @@ def _bad_label(labels: np.ndarray, config: Config) -> tuple[int | None, str]:
         ok = (labels >= 0) & (labels < c) & (labels == np.floor(labels))
         expected = f"a class index in 0..{c - 1} (output_layer=softmax, num_classes={c})"
     return (None if ok.all() else int(np.argmin(ok))), expected
+
+
+def _bad_pair_label(labels: np.ndarray) -> tuple[int | None, str]:
+    """The first label of a retrieval pairs file that is neither 1 nor 0."""
+    ok = (labels == 0) | (labels == 1)
+    return (None if ok.all() else int(np.argmin(ok))), \
+        "1 (relevant) or 0 (a candidate only), or no label (relevant)"
 
 
 def _vocab_message(value: int, side: int, config: Config) -> str:
@@ -314,17 +337,18 @@ def _where(file: Path, first_line: int, lines: list[bytes], record: int) -> str:
     raise AssertionError("record index beyond chunk")
 
 
-def _decode_until_error(file: Path, first_line: int,
-                        lines: list[bytes]) -> tuple[list[Record], DataError]:
+def _decode_until_error(file: Path, first_line: int, lines: list[bytes],
+                        decoder: msgspec.json.Decoder = _RECORD) -> tuple[list[Record], DataError]:
     """The records before the chunk's first undecodable line, and the error for that line."""
     records = []
     for k, line in enumerate(lines):
         if not _is_record(line):
             continue
         try:
-            records.append(_RECORD.decode(line))
+            records.append(decoder.decode(line))
         except msgspec.MsgspecError as e:
-            return records, DataError(f"{file}:{first_line + k}: {describe(e)}")
+            return records, DataError(f"{file}:{first_line + k}: "
+                                      f"{describe(e, pairs=decoder is _PAIR_RECORD)}")
         except UnicodeDecodeError:  # in an object key (msgspec's position is the key's)
             return records, DataError(f"{file}:{first_line + k}: {utf8_problem(line)}")
     raise AssertionError("chunk failed to decode but every line decodes")
@@ -347,7 +371,7 @@ def utf8_problem(line: bytes) -> str:
     return f"not valid UTF-8: byte 0x{line[at]:02x} at column {at + 1}"
 
 
-def describe(error: msgspec.MsgspecError) -> str:
+def describe(error: msgspec.MsgspecError, pairs: bool = False) -> str:
     """msgspec's message in our words: the field and what was expected."""
     text = str(error)
     if not isinstance(error, msgspec.ValidationError):  # (a subclass of DecodeError)
@@ -355,10 +379,12 @@ def describe(error: msgspec.MsgspecError) -> str:
             return "malformed JSON: the line ends inside the record"
         return f"malformed JSON: {text.removeprefix('JSON is malformed: ')}"
     fields = '"label", "in0" and "in1"'
+    if pairs:  # retrieval: in0 queries rank in1 candidates
+        fields = '"in0" (the query) and "in1" (a candidate), and optionally "label"'
     if m := re.fullmatch(r"Object missing required field `(.*)`", text):
         return f'field "{m[1]}": missing (every record needs {fields})'
     if m := re.fullmatch(r"Object contains unknown field `(.*)`", text):
-        return f'field "{m[1]}": unknown field (a record has exactly {fields})'
+        return f'field "{m[1]}": unknown field (a record has {"" if pairs else "exactly "}{fields})'
     m = _AT_PATH.fullmatch(text)
     message, field = (m[1], m[2].lstrip(".")) if m else (text, "")
     got = re.fullmatch(r"Expected `.*`, got `(.*)`", message)

@@ -51,9 +51,22 @@ class EarlyStopping:
         return int(np.argmin(self.losses))
 
 
+# Metrics where higher is better: SageMaker's lines tag them <score>, the rest <loss>.
+# Besides accuracy, the retrieval metrics of objective=contrastive (retrieval.py).
+SCORES = ("accuracy", "hits@1", "hits@5", "hits@10", "mrr", "ndcg@10")
+
+
+def stopping_loss(name: str, value: float) -> float:
+    """What :class:`EarlyStopping` compares for validation metric ``name`` (lower is
+    better): a loss as it is, a score in [0, 1] as 1 - score, so the tolerance is the
+    same absolute amount and the best epoch is the highest score."""
+    return 1.0 - value if name in SCORES else value
+
+
 def quality_line(host: str, channel: str, name: str, value: float, epoch: int | None = None) -> str:
-    """A ``#quality_metric`` line exactly as SageMaker's HPO regexes expect (spec §6.1)."""
-    kind = "score" if name == "accuracy" else "loss"
+    """A ``#quality_metric`` line exactly as SageMaker's HPO regexes expect (spec §6.1).
+    ``name`` may carry a prefix word (``bm25 mrr``); its last word says score or loss."""
+    kind = "score" if name.split()[-1] in SCORES else "loss"
     where = f"epoch={epoch}, " if epoch is not None else ""
     return f"#quality_metric: host={host}, {where}{channel} {name} <{kind}>={value!r}"
 

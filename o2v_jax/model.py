@@ -201,10 +201,16 @@ class Object2Vec(nnx.Module):
         Returns:
           (output, aux) as ``__call__`` returns them.
         """
-        u = dropout(u, self.dropout_rate, _site_key(dropout_key, _ENCODER_SITE))
-        v = dropout(v, self.dropout_rate, _site_key(dropout_key, _ENCODER_SITE + 1))
+        u, v = self.encoding_dropout(u, v, dropout_key=dropout_key)
         output, c = self.head(u, v, dropout_key=dropout_key)
         return output, {"enc0": u, "enc1": v, "comparator": c}
+
+    def encoding_dropout(self, u: jax.Array, v: jax.Array, *,
+                         dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The encoder-output dropout of both sides (sites 0 and 1); the contrastive
+        objective, which has no head, applies only this."""
+        return (dropout(u, self.dropout_rate, _site_key(dropout_key, _ENCODER_SITE)),
+                dropout(v, self.dropout_rate, _site_key(dropout_key, _ENCODER_SITE + 1)))
 
     def head(self, u: jax.Array, v: jax.Array, *,
              dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

@@ -55,7 +55,7 @@ from o2v_jax.buckets import Batch
 from o2v_jax.config import Config
 from o2v_jax.mesh import AXIS, BATCH, REPLICATED, ROWS, Placement
 from o2v_jax.model import join_tables, split_tables
-from o2v_jax.objectives import PairLoss
+from o2v_jax.objectives import PairLoss, loss_for
 from o2v_jax.row_sparse import ROW_CHUNK, host_rows, row_cap, table_bags, update_rows
 
 # The model's code shape on a mesh, whatever the platform (o2v_jax.kernels): its bag
@@ -204,7 +204,7 @@ class MeshSteps:
         self.placement = placement
         self.keep = dict(keep)
         self.tied = config.tied_token_embedding_weight
-        loss = PairLoss(graphdef, config.is_regression, MODEL_LAYOUT)
+        loss = loss_for(graphdef, config, MODEL_LAYOUT)
         one_shot = placement.mesh.devices.flat[0].platform != "cpu"
         if config.row_sparse and not one_shot and native_rows:
             native.available()  # build or load the row write-back now, not in the first step

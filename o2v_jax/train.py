@@ -25,15 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from o2v_jax import checkpoint, mesh, native, row_sparse, runtime, sharded
+from o2v_jax import checkpoint, mesh, native, ranking, row_sparse, runtime, sharded
 from o2v_jax.buckets import Batch, batches, prefetch
 from o2v_jax.config import Config
 from o2v_jax.data import PairData
 from o2v_jax.kernels import check_layout, default_layout
-from o2v_jax.metrics import METRICS_FILE, EarlyStopping, append_record, quality_line, write_history
+from o2v_jax.metrics import (METRICS_FILE, EarlyStopping, append_record, quality_line,
+                             stopping_loss, write_history)
 from o2v_jax.model import (Object2Vec, abstract_model, join_tables, nnx_rngs, split_params,
                            split_tables, table_group)
-from o2v_jax.objectives import PairLoss, finish_metrics
+from o2v_jax.objectives import PairLoss, finish_metrics, loss_for, training_metrics
 from o2v_jax.pretrained import Pretrained
 from o2v_jax.progress import bar as progress_bar
 from o2v_jax.sampling import negative_pairs
@@ -141,7 +142,7 @@ def build_steps(graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
       options: row_sparse knobs (tests and benchmarks).
     """
     tx = make_optimizer(config)
-    loss = PairLoss(graphdef, config.is_regression, check_layout(layout))
+    loss = loss_for(graphdef, config, check_layout(layout))
     if not config.row_sparse:
         update = functools.partial(dense_update, loss, tx, keep)
     else:
@@ -227,6 +228,15 @@ def evaluate_params(steps: Steps, params: Params, data: PairData, config: Config
     parts = [steps.eval_step(params, b) for b in batches(data, config, shuffle_seed=None)]
     sums = {k: float(sum(np.asarray(p[k]) for p in parts)) for k in ("loss", "correct", "count")}
     return finish_metrics(sums, config.is_regression)
+
+
+def channel_metrics(config: Config, steps: Steps, embedder: ranking.Embedder,
+                    data: PairData) -> Callable[[Params], dict[str, float]]:
+    """params -> the metrics of a validation or test channel: SageMaker's (loss,
+    accuracy), or for objective=contrastive the retrieval metrics of its pairs."""
+    if config.objective == "contrastive":
+        return ranking.Validation(embedder, data)
+    return lambda params: evaluate_params(steps, params, data, config)
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -399,6 +409,8 @@ def train(
         model_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = model_dir / METRICS_FILE
         write_history(metrics_path, run.history)
+    embedder = ranking.Embedder(graphdef, config)
+    validate = channel_metrics(config, steps, embedder, validation) if validating else None
     dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
     start_epoch, stopped_early = run.epoch, False
     while run.epoch < config.epochs:
@@ -418,7 +430,7 @@ def train(
         parts = jax.device_get(parts)  # one batched copy, not a round trip per step
         totals = {k: float(np.sum([p[k] for p in parts])) for k in ("loss", "correct", "count")}
         seconds = time.perf_counter() - t0
-        train_metrics = finish_metrics(totals, config.is_regression)
+        train_metrics = training_metrics(totals, config)
         record: dict[str, Any] = {"epoch": epoch, "seconds": seconds,
                                   "records_per_second": totals["count"] / max(seconds, 1e-9),
                                   **{f"train_{k}": v for k, v in train_metrics.items()}}
@@ -426,11 +438,12 @@ def train(
             emit(quality_line(host, "train", name, value, epoch))
         stop = False
         if validating:
-            val_metrics = evaluate_params(steps, run.state.params, validation, config)
+            val_metrics = validate(run.state.params)
             record.update({f"validation_{k}": v for k, v in val_metrics.items()})
             for name, value in val_metrics.items():
                 emit(quality_line(host, "validation", name, value, epoch))
-            stop = run.stopper.update(val_metrics[config.validation_metric])
+            name = config.validation_metric
+            stop = run.stopper.update(stopping_loss(name, val_metrics[name]))
             if run.stopper.best_epoch == epoch:
                 run.best_params = (jax.tree.map(np.array, run.state.params) if placement is None
                                    else placement.snapshot(run.state.params))
@@ -450,13 +463,16 @@ def train(
     params = run.state.params
     if validating and run.best_params is not None:
         best_epoch = run.stopper.best_epoch
-        emit(f"Best model based on epoch {best_epoch}. Best loss: {run.stopper.losses[best_epoch]:.3f}")
+        best = run.stopper.losses[best_epoch]
+        emit(f"Best model based on epoch {best_epoch}. Best loss: {best:.3f}" if config.objective == "pair"
+             else f"Best model based on epoch {best_epoch}. Best validation "
+                  f"{config.validation_metric}: {1.0 - best:.4f}")
         params = jax.tree.map(jnp.asarray, run.best_params)
     else:
         best_epoch = run.epoch - 1
     test_metrics = None
     if test is not None:
-        test_metrics = evaluate_params(steps, params, test, config)
+        test_metrics = channel_metrics(config, steps, embedder, test)(params)
         for name, value in test_metrics.items():
             emit(quality_line(host, "test", name, value))
     metadata = {

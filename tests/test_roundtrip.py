@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 import o2v_jax
 from o2v_jax import checkpoint
-from o2v_jax.config import (ACTIVATIONS, COMPARATORS, NETWORKS, OPTIMIZERS, OUTPUT_LAYERS,
-                            ROW_SPARSE_OPTIMIZERS, SPECS, Config, HyperparameterError,
+from o2v_jax.config import (ACTIVATIONS, COMPARATORS, NETWORKS, OBJECTIVES, OPTIMIZERS,
+                            OUTPUT_LAYERS, ROW_SPARSE_OPTIMIZERS, SPECS, Config, HyperparameterError,
                             from_hyperparameters)
 
 from conftest import group_pairs, write_jsonl
@@ -124,6 +124,17 @@ def hyperparameter_maps(draw) -> dict:
         if draw(st.booleans()):
             spec = SPECS[name]
             hp[name] = draw(st.floats(spec.lo, spec.hi, allow_nan=False, allow_infinity=False))
+    # o2v extensions: objective=contrastive couples defaults (tied table, batch size...)
+    # and needs softmax with two classes; its temperature may be set with either objective.
+    if draw(st.booleans()):
+        hp["objective"] = draw(st.sampled_from(OBJECTIVES))
+        if hp["objective"] == "contrastive":
+            hp["output_layer"] = "softmax"
+            hp["num_classes"] = 2
+    if draw(st.booleans()):
+        spec = SPECS["contrastive_temperature"]
+        hp["contrastive_temperature"] = draw(st.floats(spec.lo, spec.hi, allow_nan=False,
+                                                       allow_infinity=False))
     if draw(st.booleans()):
         hp["_kvstore"] = "dist_sync"  # SageMaker's internal keys are accepted and ignored
     return {k: _spelled(draw, k, v) if not k.startswith("_") else v for k, v in hp.items()}
