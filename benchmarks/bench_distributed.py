@@ -66,7 +66,7 @@ def step_bytes(vocab: int, cap: int) -> dict[str, int]:
     from o2v_jax.buckets import Batch
     from o2v_jax.model import abstract_model
     from o2v_jax.row_sparse import PlannedBatch, TableRows
-    from o2v_jax.train import build_steps
+    from o2v_jax.training import build_steps
 
     config = wiki_config(vocab)
     placement = mesh.for_training(config, 4)
@@ -98,7 +98,7 @@ def step_times(batch: int, batches: int, repeat: int) -> dict[str, dict]:
     from o2v_jax import mesh, sharded
     from o2v_jax.buckets import batches as make_batches
     from o2v_jax.model import abstract_model
-    from o2v_jax.train import TrainState, build_steps, init_opt_state, init_params, make_optimizer
+    from o2v_jax.training import TrainState, build_steps, init_opt_state, init_params, make_optimizer
 
     config = wiki_config(synthetic.WIKI_VOCAB, batch)
     data = synthetic.wikipedia(batch * batches, seed=0)

@@ -2,7 +2,7 @@
 
 pooled_embedding: vocab 50,000, dim 256, 8,192 sequences with lengths uniform in 4..64,
 through ``o2v_jax.load(model_dir).embed(lists)`` (the model directory is written with
-random parameters: ``train.init_params`` + ``checkpoint.save_model``). Baseline in the
+random parameters: ``training.init_params`` + ``checkpoint.save_model``). Baseline in the
 same run: ``torch.nn.functional.embedding_bag(mode="mean", padding_idx=0)`` on the same
 sequences already padded into an int64 tensor (its input preparation is not timed; ours
 is). Also reported: real tokens/s against the memory-bandwidth limit measured in the same
@@ -49,7 +49,7 @@ def build_model(model_dir: Path, network: str, *, dim: int = DIM, vocab: int = V
 
     from o2v_jax import checkpoint
     from o2v_jax.config import from_hyperparameters
-    from o2v_jax.train import init_params
+    from o2v_jax.training import init_params
 
     config = from_hyperparameters({
         "enc0_network": network, "enc1_network": "enc0", "enc0_max_seq_len": max_len,

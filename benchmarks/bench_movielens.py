@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from o2v_jax import demo, movielens  # noqa: E402
 from o2v_jax.config import from_hyperparameters  # noqa: E402
 from o2v_jax.data import read_channel  # noqa: E402
-from o2v_jax.train import train  # noqa: E402
+from o2v_jax.training import train  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BEGIN, END = "<!-- bench_movielens:begin -->", "<!-- bench_movielens:end -->"

@@ -124,7 +124,7 @@ def sagemaker_recipe(prep: womens_reviews.Prepared, val: retrieval.Grouped,
     from o2v_jax.data import read_channel
     from o2v_jax.predictor import load
     from o2v_jax.runtime import enable_compilation_cache
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     lens = _max_lengths(prep.train)
     hp = {**SAGEMAKER_RECIPE, "enc0_vocab_size": str(prep.vocab_size),
@@ -163,7 +163,7 @@ def sagemaker_recipe(prep: womens_reviews.Prepared, val: retrieval.Grouped,
 
 def contrastive(prep, val, test) -> dict | None:
     """The contrastive model's row: added with the contrastive objective (issue 21, after
-    the train.py/cli.py restructure). Returns None until then."""
+    the training.py/cli.py restructure). Returns None until then."""
     return None
 
 

@@ -12,7 +12,7 @@ Two jobs from the spec, on synthetic data of the same shapes (benchmarks/synthet
 
 What is timed is ``train()``'s inner loop: an endless stream of epochs (negative sampling
 per epoch, then ``buckets.batches`` with a per-epoch shuffle seed: host batching is
-included), ``train.staged``, ``train_step`` (which folds its dropout key), the per-batch
+included), ``training.staged``, ``train_step`` (which folds its dropout key), the per-batch
 metric sums kept; every round of N batches ends with ``block_until_ready`` on the
 parameters and sums.
 Compiling is excluded: each bucket shape is compiled in the warm-up, and a round during
@@ -80,7 +80,7 @@ def movielens_hp() -> tuple[dict[str, str], str]:
 
 def stream(data, config, seed: int = 0, only_shape=None):
     """train()'s per-epoch host work, forever: negative sampling, then shuffled batches."""
-    from o2v_jax.train import epoch_batches
+    from o2v_jax.training import epoch_batches
 
     for epoch in itertools.count():
         for batch in epoch_batches(data, config, seed, epoch)[1]:
@@ -90,7 +90,7 @@ def stream(data, config, seed: int = 0, only_shape=None):
 
 def shapes_of_one_epoch(data, config, seed: int = 99) -> dict[tuple[int, int], object]:
     """One batch of every (L0, L1) bucket shape an epoch has (host work only)."""
-    from o2v_jax.train import epoch_batches
+    from o2v_jax.training import epoch_batches
 
     out = {}
     for batch in epoch_batches(data, config, seed, 0)[1]:
@@ -101,14 +101,14 @@ def shapes_of_one_epoch(data, config, seed: int = 99) -> dict[tuple[int, int], o
 # --------------------------------------------------------------------------- o2v-jax
 
 class JaxLoop:
-    """train()'s inner loop over a batch stream (o2v_jax.train.train, the epoch body)."""
+    """train()'s inner loop over a batch stream (o2v_jax.training.train, the epoch body)."""
 
     def __init__(self, config, data, layout: str, compiles: common.CompileCounter,
                  seed: int = 0, only_shape=None, native_rows: bool = True):
         import jax
 
         from o2v_jax.row_sparse import Options
-        from o2v_jax.train import build_steps, init_params, stage_batch, staged
+        from o2v_jax.training import build_steps, init_params, stage_batch, staged
 
         self.jax = jax
         self.stage = functools.partial(stage_batch, layout=layout)
@@ -142,7 +142,7 @@ class JaxLoop:
 # --------------------------------------------------------------------------- PyTorch
 
 def torch_optimizers(torch, config, table_params, rest_params):
-    """The config's optimizer in torch with MXNet's constants (o2v_jax.train.make_optimizer).
+    """The config's optimizer in torch with MXNet's constants (o2v_jax.training.make_optimizer).
 
     row_sparse: the tables get torch's sparse-gradient optimizer (SparseAdam; Adagrad and
     SGD accept sparse gradients), the rest the dense one. torch's ``weight_decay`` adds

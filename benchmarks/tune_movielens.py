@@ -241,7 +241,7 @@ def trial(overrides: dict, fit: PairData, tune: PairData, seed: int = 0) -> dict
     from o2v_jax import load
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.demo import preset_hyperparameters
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     special = {k: overrides[k] for k in overrides if k.startswith("_")}
     hp = preset_hyperparameters() | {k: str(v) for k, v in overrides.items() if k not in special}

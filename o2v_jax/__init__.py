@@ -15,9 +15,6 @@ Train from Python (docs/tutorial.md)::
 
 from __future__ import annotations
 
-import sys
-import types
-
 __version__ = "0.1.0"
 __all__ = ["load", "train", "evaluate", "__version__"]
 
@@ -43,17 +40,3 @@ def __getattr__(name: str):
         return getattr(api, name)
     raise AttributeError(f"module 'o2v_jax' has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    """``o2v_jax.train`` is the training function, although a submodule has that name
-    too (o2v_jax/train.py, the loop): importing a submodule binds it as an attribute of
-    its package, which would hide the function. That one binding is refused; the module
-    stays importable (``from o2v_jax.train import ...``)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -40,8 +40,8 @@ from o2v_jax.config import Config, format_config, from_hyperparameters, load_hyp
 from o2v_jax.predictor import Predictor, load
 from o2v_jax.pretrained import read_auxiliary
 from o2v_jax.records import Channel, pair_data
-from o2v_jax.train import TrainResult, evaluate_params, load_for_evaluation
-from o2v_jax.train import train as train_loop
+from o2v_jax.training import TrainResult, evaluate_params, load_for_evaluation
+from o2v_jax.training import train as train_loop
 
 log = logging.getLogger("o2v_jax")
 
@@ -87,7 +87,7 @@ def fit(hyperparameters: Hyperparameters, train: Channel, validation: Channel | 
     ``metrics.jsonl`` (one line per epoch, as it ends) and, with ``plot`` and matplotlib,
     ``learning_curves.png``. Arguments as for :func:`train`; ``host`` names the machine
     in the metric lines (SageMaker's ``current_host``); ``devices`` and ``checkpoint_dir``
-    as for :func:`o2v_jax.train.train` (docs/distributed.md). In a cluster
+    as for :func:`o2v_jax.training.train` (docs/distributed.md). In a cluster
     (:mod:`o2v_jax.cluster`), every process calls this with the same arguments; their
     flags and data are compared first, and process 0 alone writes the model directory.
 

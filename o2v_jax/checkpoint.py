@@ -235,7 +235,7 @@ def save_model(model_dir: str | Path, *, hyperparameters: dict[str, str], params
     """
     root = Path(model_dir)
     manifest = {"format": FORMAT, "hyperparameters": hyperparameters, "metadata": metadata}
-    # With several processes only process 0 calls this (train.py): it writes alone.
+    # With several processes only process 0 calls this (training.py): it writes alone.
     _commit(root, MANIFEST, "params", _host(params), manifest, solo=True)
     _write_json_atomic(root / "hyperparameters.json", hyperparameters)
     return root

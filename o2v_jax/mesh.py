@@ -15,7 +15,7 @@ under GSPMD (with Explicit axes every gather from a sharded table needs an
 * everything else (encoders, head and their optimizer state, the step count, the row
   lists of a batch): replicated.
 
-One process with one device never gets here: train.py's one-device path is unchanged.
+One process with one device never gets here: training.py's one-device path is unchanged.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class Placement:
         return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
 
     def place_params(self, params: Any) -> Any:
-        """A one-device params tree (``train.init_params``) on the mesh, tables padded."""
+        """A one-device params tree (``training.init_params``) on the mesh, tables padded."""
         host = jax.tree.map(np.asarray, params)
         for name in split_tables(host)[1]:
             table = host[name]["embedding"]
@@ -215,7 +215,7 @@ class Placement:
 
 def for_training(config: Config, per_process: int | None) -> Placement | None:
     """The placement of a training run on ``per_process`` devices of each process (None:
-    all local devices), or None for one process on one device (train.py's one-device
+    all local devices), or None for one process on one device (training.py's one-device
     path, unchanged)."""
     devices = local_devices(per_process)
     if len(devices) == 1 and jax.process_count() == 1:

@@ -1,9 +1,9 @@
 """Lazy ``row_sparse`` updates (MXNet's row_sparse + lazy_update), and what makes them fast.
 
 Only the token-table rows a batch reads, and their optimizer state, are updated; the
-other rows never change. :class:`LazyUpdate` is the row_sparse drop-in for train.py's
+other rows never change. :class:`LazyUpdate` is the row_sparse drop-in for training.py's
 dense update, ``(params, opt_state, batch, key) -> (params, opt_state, sums)``; nothing
-else here is needed to follow training (a reader of train.py can skip this module).
+else here is needed to follow training (a reader of training.py can skip this module).
 
 Two code shapes (``layout``, :mod:`o2v_jax.kernels`):
 

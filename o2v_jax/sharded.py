@@ -1,6 +1,6 @@
 """Train and eval steps over a device mesh: data parallel, token tables sharded by rows.
 
-The one-device steps (train.py, row_sparse.py) read whole tables. Here a table is split
+The one-device steps (training.py, row_sparse.py) read whole tables. Here a table is split
 by rows over the devices (:mod:`o2v_jax.mesh`), so a step never reads it whole:
 
 1. on the host, every process finds the same sorted list R of the rows the global batch
@@ -163,7 +163,7 @@ def _lazy_table(placement, tx, one_shot, native_rows, table, state, rows, count,
 
 def _train_step(loss: PairLoss, tx, row_sparse_update: bool, one_shot: bool, native_rows: bool,
                 placement: Placement, state, mb: MeshBatch, root, keep):
-    from o2v_jax.train import TrainState
+    from o2v_jax.training import TrainState
 
     key = jax.random.fold_in(root, state.step)
     rest, sub = _gathered(state.params, mb)
@@ -199,7 +199,7 @@ class MeshSteps:
 
     def __init__(self, graphdef: Any, config: Config, keep: Mapping[str, jax.Array], *,
                  placement: Placement, native_rows: bool = True):
-        from o2v_jax.train import make_optimizer
+        from o2v_jax.training import make_optimizer
 
         self.placement = placement
         self.keep = dict(keep)
@@ -253,7 +253,7 @@ def abstract_inputs(config: Config, placement: Placement, graphdef_params: Any, 
       lengths: the bucket's (L0, L1).
       cap: the row count of every table's row list.
     """
-    from o2v_jax.train import TrainState, init_opt_state, make_optimizer
+    from o2v_jax.training import TrainState, init_opt_state, make_optimizer
 
     def struct(shape, dtype, spec):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding(spec))

@@ -109,7 +109,7 @@ def run_steps(config, batch, *, pretrained=(None, None), steps=3, layout="cpu", 
     with seed 0: returns (params before, as numpy; params after; opt_state after)."""
     from o2v_jax.buckets import Batch
     from o2v_jax.row_sparse import Options
-    from o2v_jax.train import build_steps, init_params
+    from o2v_jax.training import build_steps, init_params
 
     graphdef, params, keep = init_params(config, 0, pretrained, layout=layout)
     built = build_steps(graphdef, config, keep, layout=layout, options=options or Options())
@@ -128,7 +128,7 @@ def train_tiny_model(root: Path, **hp) -> Path:
     """
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.data import read_channel
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     config = from_hyperparameters(tiny_hp(**hp))
     data = read_channel(write_jsonl(root / "train.jsonl", group_pairs(48, 0, max_len=4)), config)

@@ -256,11 +256,11 @@ def test_import_is_light_and_train_stays_the_function():
     code = """
 import sys, o2v_jax
 assert "jax" not in sys.modules, "import o2v_jax imported jax"
-from o2v_jax.train import build_steps   # the training-loop module, imported as a submodule
+from o2v_jax.training import build_steps   # the training-loop module, imported as a submodule
 import o2v_jax.train
-assert o2v_jax.train.__module__ == "o2v_jax.api" and callable(o2v_jax.train)
+assert o2v_jax.training.__module__ == "o2v_jax.api" and callable(o2v_jax.train)
 assert o2v_jax.evaluate.__module__ == "o2v_jax.api"
-assert sys.modules["o2v_jax.train"].build_steps is build_steps
+assert sys.modules["o2v_jax.training"].build_steps is build_steps
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

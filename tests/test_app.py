@@ -329,7 +329,7 @@ def save_untrained(path, **overrides):
     """A model directory from init_params + save_model (no training: fast)."""
     from o2v_jax import checkpoint
     from o2v_jax.config import from_hyperparameters
-    from o2v_jax.train import init_params
+    from o2v_jax.training import init_params
 
     config = from_hyperparameters(tiny_hp(**{**HP, **overrides}))
     _, params, _ = init_params(config, 0, (None, None))

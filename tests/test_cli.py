@@ -97,7 +97,7 @@ if sys.argv[1] == "cli":
     sys.exit(main(sys.argv[2:]))
 from o2v_jax.config import load_hyperparameters
 from o2v_jax.data import read_channel
-from o2v_jax.train import train
+from o2v_jax.training import train
 config = load_hyperparameters(sys.argv[3], [])
 train(config, read_channel(sys.argv[2], config), model_dir=sys.argv[4], progress=False)
 """

@@ -26,7 +26,7 @@ from o2v_jax import checkpoint, cluster, runtime
 from o2v_jax.cluster import ClusterError, ClusterSpec
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import read_channel
-from o2v_jax.train import train
+from o2v_jax.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

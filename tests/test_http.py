@@ -753,7 +753,7 @@ def test_sigterm_exits_after_the_drain_timeout_with_a_request_still_in_flight(tm
 def test_end_to_end_with_a_real_tiny_model(tmp_path):
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.data import read_channel
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     config = from_hyperparameters(tiny_hp(epochs=1))
     data = read_channel(write_jsonl(tmp_path / "train.jsonl", group_pairs(64, 0)), config)

@@ -20,7 +20,7 @@ from o2v_jax import env, native
 from o2v_jax.buckets import Batch
 from o2v_jax.config import from_hyperparameters
 from o2v_jax.row_sparse import ROW_CHUNK, Options
-from o2v_jax.train import build_steps, init_params
+from o2v_jax.training import build_steps, init_params
 
 
 def _case(dtype, vocab=1000, width=7, n=300, seed=0):

@@ -124,7 +124,7 @@ def test_contrastive_objective_retrieves_better_than_the_pair_objective(tmp_path
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.data import read_channel
     from o2v_jax.ranking import evaluate_retrieval
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     train_path = write_jsonl(tmp_path / "train.jsonl", _topic_pairs(384, 0))
     test_path = write_jsonl(tmp_path / "test.jsonl", _topic_pairs(96, 1))
@@ -164,7 +164,7 @@ def test_contrastive_step_compiles_once_per_bucket_and_learns(tmp_path, network,
     from o2v_jax.buckets import batches
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.data import read_channel
-    from o2v_jax.train import build_steps, init_params, staged
+    from o2v_jax.training import build_steps, init_params, staged
 
     config = from_hyperparameters(tiny_hp(
         objective="contrastive", enc0_network=network, enc0_max_seq_len=20, bucket_width=10,

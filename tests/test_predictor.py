@@ -26,7 +26,7 @@ from o2v_jax.ragged import Ragged
 from o2v_jax.model import abstract_model, merge_params
 from o2v_jax.env import PREFERRED_MODE as ENV_PREFERRED_MODE
 from o2v_jax.predictor import load
-from o2v_jax.train import init_params
+from o2v_jax.training import init_params
 
 ATOL = 1e-5  # float32 on CPU; see docs/inference.md "Same answers everywhere"
 # Small ladders keep the suite fast and still exercise every code path: lengths

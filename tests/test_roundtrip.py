@@ -254,7 +254,7 @@ def test_model_written_before_the_fix_evaluates_transforms_and_serves(tmp_path):
 def test_pooled_model_above_1000_trains_resumes_and_loads(tmp_path):
     """The plainest pooled run of the issue (enc_dim above 1000), interrupted and resumed."""
     from o2v_jax.data import read_channel
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     config = from_hyperparameters({"enc0_network": "pooled_embedding", "enc0_vocab_size": 40,
                                    "enc0_max_seq_len": 4, "enc_dim": 1001, "mlp_dim": 4,
@@ -314,7 +314,7 @@ def test_small_sample_covers_the_coupled_case():
                                            for h in SMALL])
 def test_train_load_embed(hp, tmp_path):
     from o2v_jax.data import read_channel
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     config = from_hyperparameters(hp)
     records = group_pairs(24, 1, max_len=5, regression=config.is_regression)
@@ -337,7 +337,7 @@ def test_pretrained_model_needs_no_auxiliary_after_training(tmp_path, capsys):
     from o2v_jax.cli import main
     from o2v_jax.data import read_channel
     from o2v_jax.pretrained import read_auxiliary
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     hp = {"enc0_network": "pooled_embedding", "enc0_vocab_size": 40, "enc0_max_seq_len": 8,
           "enc_dim": 8, "mlp_dim": 8, "mini_batch_size": 16, "epochs": 2,

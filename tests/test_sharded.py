@@ -40,7 +40,7 @@ TRAIN = """
     from o2v_jax.config import from_hyperparameters
     from o2v_jax.data import read_channel
     from o2v_jax.pretrained import Pretrained
-    from o2v_jax.train import train
+    from o2v_jax.training import train
 
     logging.basicConfig(level=logging.INFO)
     root = Path(sys.argv[1])

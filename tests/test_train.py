@@ -20,7 +20,7 @@ from o2v_jax.data import read_channel
 from o2v_jax.metrics import read_history
 from o2v_jax.api import evaluate
 from o2v_jax.pretrained import Pretrained
-from o2v_jax.train import (TrainState, build_steps, evaluate_params, init_params, stage_batch,
+from o2v_jax.training import (TrainState, build_steps, evaluate_params, init_params, stage_batch,
                            staged, train)
 
 
