@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from o2v_jax import movielens  # noqa: E402
+from o2v_jax import movielens, movielens_formats  # noqa: E402
 from o2v_jax.data import PairData  # noqa: E402
 from o2v_jax.ragged import Ragged  # noqa: E402
 
@@ -135,7 +135,7 @@ def pairs(user: np.ndarray, item: np.ndarray, rating: np.ndarray, name: str) -> 
 def tuning_split(cache_dir: Path | None = None) -> tuple[PairData, PairData]:
     """(fit, tune): ua.base split again by the ua rule; ua.test is dropped."""
     inter, _ = movielens.cached_files(cache_dir, progress=False)
-    r = movielens.parse_ratings(inter.read_text(encoding="utf-8"), str(inter))
+    r = movielens_formats.parse_ratings(inter.read_text(encoding="utf-8"), str(inter))
     base = np.flatnonzero(~movielens.ua_split(r.user))  # ua.base rows, in file order
     user = r.user[base]
     # Rank of each rating within its user, in file order (as ua_split counts).
