@@ -99,21 +99,27 @@ def from_sagemaker(resource_config: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
                    port: int = SAGEMAKER_PORT) -> ClusterSpec | None:
     """The cluster of a SageMaker training job, from its ``resourceconfig.json``
     (``current_host``, ``hosts``): one process per host, the first host coordinates.
-    None for a single host or no file.
+    None for a single host, no file, or a file naming no ``hosts`` (as a single-host run
+    has always read it: o2v train then warns about an unreadable file and goes on alone).
 
     Raises:
-      ClusterError: the file is not what SageMaker writes (names the file and field).
+      ClusterError: several hosts, but the file is not what SageMaker writes (names the
+        file and field).
     """
     if not resource_config.is_file():
         return None
     try:
         info = json.loads(resource_config.read_text())
-        hosts, current = list(info["hosts"]), info["current_host"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ClusterError(f"{resource_config}: expected SageMaker's resource config with "
-                           f"'current_host' and 'hosts' ({type(e).__name__}: {e})") from None
+        hosts = list(info.get("hosts") or ()) if isinstance(info, dict) else []
+    except (json.JSONDecodeError, TypeError):
+        return None
     if len(hosts) <= 1:
         return None
+    try:
+        current = info["current_host"]
+    except KeyError as e:
+        raise ClusterError(f"{resource_config}: expected SageMaker's resource config with "
+                           f"'current_host' and 'hosts' (KeyError: {e})") from None
     if current not in hosts:
         raise ClusterError(f"{resource_config}: current_host {current!r} is not in hosts {hosts}")
     return ClusterSpec(f"{hosts[0]}:{port}", len(hosts), hosts.index(current), timeout_s,

@@ -64,9 +64,14 @@ def test_sagemaker_hosts_make_a_cluster_the_first_host_coordinates(tmp_path):
     config.write_text(json.dumps({"current_host": "algo-9", "hosts": ["algo-1", "algo-2"]}))
     with pytest.raises(ClusterError, match="current_host 'algo-9' is not in hosts"):
         cluster.from_sagemaker(config)
-    config.write_text("{")
+    config.write_text(json.dumps({"hosts": ["algo-1", "algo-2"]}))
     with pytest.raises(ClusterError, match="resourceconfig.json: expected SageMaker's resource config"):
         cluster.from_sagemaker(config)
+    # What a single host has always read: an unreadable file or one without hosts (the
+    # CLI warns about the former and trains alone).
+    for text in ("{", json.dumps({"current_host": "algo-7"}), "[]"):
+        config.write_text(text)
+        assert cluster.from_sagemaker(config) is None
 
 
 def test_a_slurm_job_of_several_tasks_is_detected_as_jax_detects_it(monkeypatch):
