@@ -99,7 +99,8 @@ def from_sagemaker(resource_config: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
                    port: int = SAGEMAKER_PORT) -> ClusterSpec | None:
     """The cluster of a SageMaker training job, from its ``resourceconfig.json``
     (``current_host``, ``hosts``): one process per host, the first host coordinates.
-    None for a single host or no file.
+    None for a single host or no file (a file without ``hosts`` names one host, as
+    ``o2v train --sagemaker`` always read it).
 
     Raises:
       ClusterError: the file is not what SageMaker writes (names the file and field).
@@ -108,8 +109,9 @@ def from_sagemaker(resource_config: Path, timeout_s: float = DEFAULT_TIMEOUT_S,
         return None
     try:
         info = json.loads(resource_config.read_text())
-        hosts, current = list(info["hosts"]), info["current_host"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        current = info["current_host"]
+        hosts = list(info.get("hosts", [current]))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ClusterError(f"{resource_config}: expected SageMaker's resource config with "
                            f"'current_host' and 'hosts' ({type(e).__name__}: {e})") from None
     if len(hosts) <= 1:

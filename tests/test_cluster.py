@@ -56,6 +56,8 @@ def test_sagemaker_hosts_make_a_cluster_the_first_host_coordinates(tmp_path):
     assert cluster.from_sagemaker(config) is None  # no file: one host
     config.write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
     assert cluster.from_sagemaker(config) is None
+    config.write_text(json.dumps({"current_host": "algo-7"}))  # no hosts: one host, as before
+    assert cluster.from_sagemaker(config) is None
     config.write_text(json.dumps({"current_host": "algo-3", "hosts": ["algo-1", "algo-2", "algo-3"],
                                   "network_interface_name": "eth0"}))
     spec = cluster.from_sagemaker(config)
