@@ -53,7 +53,13 @@ TRAIN = """
         "row_sparse": dict(token_embedding_storage_type="row_sparse", mini_batch_size=12,
                            dropout=0.1, tied_token_embedding_weight="true", enc1_vocab_size=V,
                            enc1_max_seq_len=8),
+        # in-batch negatives over the global batch: the softmax spans every device's
+        # rows, and the 2 fill rows of B = 10 enter neither softmax
+        "contrastive": dict(objective="contrastive", token_embedding_storage_type="row_sparse",
+                            mini_batch_size=10),
     }
+    # resume onto another device count (and padding of V): 1 -> 4 devices, 4 -> 2
+    resumes = {"dense": (1, 4), "row_sparse": (4, 2)}
     out = {}
     for name, hp in cases.items():
         config = from_hyperparameters(tiny_hp(enc0_vocab_size=V, epochs=2, **hp))
@@ -71,20 +77,20 @@ TRAIN = """
             return result
         one = run("1", devices=1)
         four = run("4", devices=4)
-        # resume onto another device count (and padding of V): 1 -> 4 devices, 4 -> 2
-        before, after = {"dense": (1, 4), "row_sparse": (4, 2)}[name]
-        run("resumed", devices=before, stop_after_epochs=1)
-        run("resumed", devices=after, resume=True)
+        if name in resumes:
+            before, after = resumes[name]
+            run("resumed", devices=before, stop_after_epochs=1)
+            run("resumed", devices=after, resume=True)
         diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
         frozen = np.asarray(models["4"]["embed0"]["embedding"])[found]
+        metric = "validation_" + config.validation_metric
         out[name] = {
-            "diff": {tag: diff(models["1"], models[tag]) for tag in ("4", "resumed")},
+            "diff": {tag: diff(models["1"], models[tag]) for tag in models if tag != "1"},
             "shapes": [list(np.shape(x)) == list(np.shape(y)) for x, y in
                        zip(jax.tree.leaves(models["1"]), jax.tree.leaves(models["4"]))],
             "frozen_moved": float(np.max(np.abs(frozen - pre[0].vectors[found]))),
-            "val_loss": [one.history[-1]["validation_cross_entropy"],
-                         four.history[-1]["validation_cross_entropy"]],
+            "val_metric": [one.history[-1][metric], four.history[-1][metric]],
         }
     print(json.dumps(out))
 """
@@ -93,14 +99,16 @@ TRAIN = """
 def test_four_devices_train_the_model_one_device_trains_and_resume_across_device_counts(tmp_path):
     out, log = run_on_devices(TRAIN, tmp_path)
     assert "mesh: 4 devices (1 process x 4)" in log and "mesh: 2 devices (1 process x 2)" in log
-    for storage in ("dense", "row_sparse"):
-        case = out[storage]
-        assert all(case["shapes"]), storage  # the saved model has V rows, not V's padding
+    assert set(out["dense"]["diff"]) == set(out["row_sparse"]["diff"]) == {"4", "resumed"}
+    assert set(out["contrastive"]["diff"]) == {"4"}
+    for name, case in out.items():
+        assert all(case["shapes"]), name  # the saved model has V rows, not V's padding
         # Tolerance (docs/distributed.md): the (cap, D) gradient's partial sums are added
         # in another order; 2 epochs of Adam on tiny data stay within 1e-5.
-        assert all(d < 1e-5 for d in case["diff"].values()), (storage, case["diff"])
-        assert case["frozen_moved"] == 0.0, storage
-        assert abs(case["val_loss"][0] - case["val_loss"][1]) < 1e-5
+        assert all(d < 1e-5 for d in case["diff"].values()), (name, case["diff"])
+        assert case["frozen_moved"] == 0.0, name
+        # validation cross-entropy, or the retrieval MRR of objective=contrastive
+        assert abs(case["val_metric"][0] - case["val_metric"][1]) < 1e-5, name
 
 
 HLO = """
