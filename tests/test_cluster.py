@@ -205,6 +205,11 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path):
     assert abs(two_meta["history"][-1]["validation_cross_entropy"]
                - one.history[-1]["validation_cross_entropy"]) < 1e-5
     assert not (tmp_path / "two" / "training").exists()
+    # Both processes were given one --model-dir: process 0 alone writes metrics.jsonl (a
+    # second writer would empty or double it) and the learning curves.
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert (tmp_path / "two" / "learning_curves.png").is_file()
 
 
 def test_a_killed_process_is_named_within_the_bound_and_resume_continues(tmp_path):
