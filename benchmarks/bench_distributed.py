@@ -11,9 +11,11 @@ between devices as V grows, and what a step costs on 1, 2 and 4 devices of this 
    handed the same row-sharded table and Adam state under plain GSPMD; its row
    write-back (a custom call) makes XLA all-gather the table and both moments every
    step: the reason the mesh step runs the update per shard.
-2. **Step time at 1, 2 and 4 devices**: the Wikipedia job's shapes (V 267,522) on
-   synthetic Zipf batches, the one-device path at 1 device (with its CPU gradient plan)
-   and the mesh steps at 2 and 4, in interleaved rounds over the same batches; medians.
+2. **Step time at 1, 2 and 4 devices**: the Wikipedia job's shapes (V 267,522, B 512)
+   on full batches of length-50 Zipf sequences (``bench_scaling.fixed_length_pairs``:
+   one bucket, no fill rows, so every step is a whole Wikipedia step), the one-device
+   path at 1 device (with its CPU gradient plan) and the mesh steps at 2 and 4, in
+   interleaved rounds over the same batches; medians.
    The devices are ``JAX_NUM_CPU_DEVICES=4`` slices of this machine's CPU: on a 2-core
    machine shared with other jobs this measures the mesh's overhead, not a speed-up.
 
@@ -39,6 +41,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 import synthetic  # noqa: E402
+from bench_scaling import fixed_length_pairs  # noqa: E402
 from bench_train import WIKI_HP  # noqa: E402
 
 
@@ -101,8 +104,9 @@ def step_times(batch: int, batches: int, repeat: int) -> dict[str, dict]:
     from o2v_jax.training import TrainState, build_steps, init_opt_state, init_params, make_optimizer
 
     config = wiki_config(synthetic.WIKI_VOCAB, batch)
-    data = synthetic.wikipedia(batch * batches, seed=0)
+    data = fixed_length_pairs(batch * batches, 50, synthetic.WIKI_VOCAB)
     host = list(make_batches(data, config, shuffle_seed=0))[:batches]
+    assert all(b.weights.all() for b in host), "every batch full: no fill rows"
     real = sum(int(b.weights.sum()) for b in host)
     graphdef, params, keep = init_params(config, 0, (None, None), layout="cpu")
     root = jax.random.key(1)

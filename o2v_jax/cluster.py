@@ -18,7 +18,7 @@ HOST:PORT --num-processes N --process-id I`` (:func:`from_flags`); SageMaker's
    key-value store every few seconds and reads everyone's. A process whose heartbeat
    stops for ``timeout_s`` (it died, hangs or lost the network), or that reports an
    error, makes every other process print an error naming it and exit 1; JAX's own
-   heartbeat check (twice as long) would abort with a message that names no process.
+   heartbeat check (four times as long) would abort with a message that names no process.
 
 :meth:`Cluster.check_same` compares what every process was given (hyperparameters,
 seed, channels) and names the first flag or file that differs. docs/distributed.md

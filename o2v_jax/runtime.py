@@ -39,16 +39,19 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     """Join a ``jax.distributed`` cluster (process-wide, once; o2v_jax.cluster calls it).
 
     The coordinator (process 0) binds to ``coordinator`` itself, not to every interface
-    (JAX's default). ``timeout_s`` bounds joining; JAX's own heartbeat check gets twice
-    that, so o2v_jax.cluster's watchdog (which names the process that stopped) speaks
-    first. On CPU the collectives are gloo's.
+    (JAX's default). ``timeout_s`` bounds joining; JAX's own heartbeat check gets four
+    times that, so o2v_jax.cluster's watchdog (which names the process that stopped)
+    speaks first: JAX's check can fire after about half its timeout (jaxlib 0.10.2;
+    docs/distributed.md), so at twice ``timeout_s`` it sometimes won the race and
+    aborted every process with a message that names no process.
+    On CPU the collectives are gloo's.
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
                                local_device_ids=local_device_ids,
                                coordinator_bind_address=coordinator,
                                initialization_timeout=int(timeout_s),
-                               heartbeat_timeout_seconds=int(2 * timeout_s),
+                               heartbeat_timeout_seconds=int(4 * timeout_s),
                                shutdown_timeout_seconds=int(timeout_s))
 
 

@@ -257,6 +257,7 @@ def test_import_is_light_and_train_stays_the_function():
 import sys, o2v_jax
 assert "jax" not in sys.modules, "import o2v_jax imported jax"
 from o2v_jax.training import build_steps   # the training-loop module, imported as a submodule
+import o2v_jax.training
 assert o2v_jax.train.__module__ == "o2v_jax.api" and callable(o2v_jax.train)
 assert o2v_jax.evaluate.__module__ == "o2v_jax.api"
 assert sys.modules["o2v_jax.training"].build_steps is build_steps

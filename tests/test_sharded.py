@@ -1,8 +1,9 @@
 """Data-parallel training on a device mesh (o2v_jax.mesh, o2v_jax.sharded): the same
 model as one device, resume across device counts, and no table-sized collective.
 
-JAX fixes the number of CPU devices when it starts, so the mesh runs happen in a
-subprocess with JAX_NUM_CPU_DEVICES=4, one per test, each doing several checks.
+JAX fixes the number of CPU devices when it starts, so the mesh runs happen in one
+subprocess with JAX_NUM_CPU_DEVICES=4 (the ``four_devices`` fixture: JAX starts once for
+every check), whose results the tests read.
 """
 
 from __future__ import annotations
@@ -15,20 +16,31 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from o2v_jax import row_sparse, sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_on_devices(script: str, tmp_path: Path, devices: int = 4, timeout: int = 900) -> tuple[dict, str]:
-    """Run ``script`` with ``devices`` CPU devices; its last stdout line is JSON."""
+def run_on_devices(scripts: dict[str, str], tmp_path: Path, devices: int = 4,
+                   timeout: int = 900) -> tuple[dict, str]:
+    """Run ``scripts`` (name -> code ending in ``print(json.dumps(out))``) one after the
+    other in one process with ``devices`` CPU devices: ``({name: out}, stderr)``."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices),
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)],
+    code = "\n".join(f"def script_{name}():\n" + textwrap.indent(textwrap.dedent(body), "    ")
+                     + f"\nscript_{name}()\n" for name, body in scripts.items())
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+    outs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return dict(zip(scripts, outs, strict=True)), done.stderr
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory) -> tuple[dict, str]:
+    return run_on_devices({"train": TRAIN, "hlo": HLO}, tmp_path_factory.mktemp("mesh"))
 
 
 TRAIN = """
@@ -44,6 +56,9 @@ TRAIN = """
 
     logging.basicConfig(level=logging.INFO)
     root = Path(sys.argv[1])
+    # Runs on one mesh compile the same programs (a run and its resumed twin): compile once.
+    from o2v_jax.runtime import enable_compilation_cache
+    enable_compilation_cache(root / "jax-cache")
     V = 37  # not a multiple of 4 or 2: the tables are padded, differently on each mesh
     cases = {
         # mini_batch_size 10 gets 2 fill rows on 4 devices; weight decay reads every row
@@ -53,7 +68,13 @@ TRAIN = """
         "row_sparse": dict(token_embedding_storage_type="row_sparse", mini_batch_size=12,
                            dropout=0.1, tied_token_embedding_weight="true", enc1_vocab_size=V,
                            enc1_max_seq_len=8),
+        # in-batch negatives over the global batch: the softmax spans every device's
+        # rows, and the 2 fill rows of B = 10 enter neither softmax
+        "contrastive": dict(objective="contrastive", token_embedding_storage_type="row_sparse",
+                            mini_batch_size=10),
     }
+    # resume onto another device count (and padding of V): 1 -> 4 devices, 4 -> 2
+    resumes = {"dense": (1, 4), "row_sparse": (4, 2)}
     out = {}
     for name, hp in cases.items():
         config = from_hyperparameters(tiny_hp(enc0_vocab_size=V, epochs=2, **hp))
@@ -71,36 +92,39 @@ TRAIN = """
             return result
         one = run("1", devices=1)
         four = run("4", devices=4)
-        # resume onto another device count (and padding of V): 1 -> 4 devices, 4 -> 2
-        before, after = {"dense": (1, 4), "row_sparse": (4, 2)}[name]
-        run("resumed", devices=before, stop_after_epochs=1)
-        run("resumed", devices=after, resume=True)
+        if name in resumes:
+            before, after = resumes[name]
+            run("resumed", devices=before, stop_after_epochs=1)
+            run("resumed", devices=after, resume=True)
         diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
         frozen = np.asarray(models["4"]["embed0"]["embedding"])[found]
+        metric = "validation_" + config.validation_metric
         out[name] = {
-            "diff": {tag: diff(models["1"], models[tag]) for tag in ("4", "resumed")},
+            "diff": {tag: diff(models["1"], models[tag]) for tag in models if tag != "1"},
             "shapes": [list(np.shape(x)) == list(np.shape(y)) for x, y in
                        zip(jax.tree.leaves(models["1"]), jax.tree.leaves(models["4"]))],
             "frozen_moved": float(np.max(np.abs(frozen - pre[0].vectors[found]))),
-            "val_loss": [one.history[-1]["validation_cross_entropy"],
-                         four.history[-1]["validation_cross_entropy"]],
+            "val_metric": [one.history[-1][metric], four.history[-1][metric]],
         }
     print(json.dumps(out))
 """
 
 
-def test_four_devices_train_the_model_one_device_trains_and_resume_across_device_counts(tmp_path):
-    out, log = run_on_devices(TRAIN, tmp_path)
+def test_four_devices_train_the_model_one_device_trains_and_resume_across_device_counts(
+        four_devices):
+    (out, log) = four_devices[0]["train"], four_devices[1]
     assert "mesh: 4 devices (1 process x 4)" in log and "mesh: 2 devices (1 process x 2)" in log
-    for storage in ("dense", "row_sparse"):
-        case = out[storage]
-        assert all(case["shapes"]), storage  # the saved model has V rows, not V's padding
+    assert set(out["dense"]["diff"]) == set(out["row_sparse"]["diff"]) == {"4", "resumed"}
+    assert set(out["contrastive"]["diff"]) == {"4"}
+    for name, case in out.items():
+        assert all(case["shapes"]), name  # the saved model has V rows, not V's padding
         # Tolerance (docs/distributed.md): the (cap, D) gradient's partial sums are added
         # in another order; 2 epochs of Adam on tiny data stay within 1e-5.
-        assert all(d < 1e-5 for d in case["diff"].values()), (storage, case["diff"])
-        assert case["frozen_moved"] == 0.0, storage
-        assert abs(case["val_loss"][0] - case["val_loss"][1]) < 1e-5
+        assert all(d < 1e-5 for d in case["diff"].values()), (name, case["diff"])
+        assert case["frozen_moved"] == 0.0, name
+        # validation cross-entropy, or the retrieval MRR of objective=contrastive
+        assert abs(case["val_metric"][0] - case["val_metric"][1]) < 1e-5, name
 
 
 HLO = """
@@ -127,8 +151,8 @@ HLO = """
 """
 
 
-def test_the_compiled_step_moves_no_table(tmp_path):
-    out, _ = run_on_devices(HLO, tmp_path)
+def test_the_compiled_step_moves_no_table(four_devices):
+    out = four_devices[0]["hlo"]
     for storage in ("row_sparse", "dense"):
         small, large = out[f"{storage}/1000"], out[f"{storage}/100000"]
         assert small and small == large, storage  # the same collectives whatever V
