@@ -74,7 +74,10 @@ def test_evaluate_retrieval_counts_unlabelled_records_as_relevant(contrastive_ru
     records = [json.loads(line) for line in files["test"].read_text().splitlines()]
     unlabelled = write_jsonl(tmp_path / "u.jsonl", [
         {"in0": r["in0"], "in1": r["in1"]} if r["label"] == 1 else r for r in records])
-    assert ranking.evaluate_retrieval(model_dir, unlabelled) == \
+    import o2v_jax
+
+    # o2v_jax.evaluate_retrieval is the same function; it takes a loaded model too.
+    assert o2v_jax.evaluate_retrieval(o2v_jax.load(model_dir), unlabelled) == \
         ranking.evaluate_retrieval(model_dir, files["test"])
 
 
