@@ -62,6 +62,11 @@ TRIALS: list[dict] = [
               "bucket_width": 40, "_ict": True},
     POOLED | {"learning_rate": 0.001, "epochs": 8, "early_stopping_tolerance": 0.001,
               "bucket_width": 40},
+    # 5. Regularisation, to train longer: dropout on the encodings (both losses' site).
+    POOLED | {"learning_rate": 0.001, "epochs": 8, "early_stopping_tolerance": 0.001,
+              "bucket_width": 40, "dropout": 0.3},
+    POOLED | {"learning_rate": 0.001, "epochs": 3, "early_stopping_tolerance": 0.001,
+              "bucket_width": 40, "dropout": 0.3, "_ict": True},
 ]
 
 

@@ -124,7 +124,7 @@ CONTRASTIVE_DEFAULTS: dict[str, str] = {
     "enc0_network": "pooled_embedding", "enc_dim": "1000",
     "enc0_token_embedding_dim": "1000", "enc1_token_embedding_dim": "1000",
     "tied_token_embedding_weight": "true", "mini_batch_size": "256",
-    "learning_rate": "0.001", "epochs": "3",
+    "learning_rate": "0.001", "epochs": "4", "dropout": "0.3",
 }
 
 # Encoder settings that `enc1_network=enc0` copies from enc0 (spec §2.4, issue #834).
