@@ -10,13 +10,17 @@ Train from Python (docs/tutorial.md)::
     >>> model = o2v_jax.train(hyperparameters, train_records, validation=val_records)
     >>> model.history[-1], o2v_jax.evaluate(model, test_records)
 
+Retrieval (docs/retrieval.md): ``o2v_jax.evaluate_retrieval(model, "pairs.jsonl")``
+(hits@k, MRR, nDCG@10 of ranking by embedding cosine); over arrays,
+``o2v_jax.retrieval.evaluate_embeddings`` and exact top-k search ``o2v_jax.search.top_k``.
+
 ``import o2v_jax`` imports no JAX: each function imports what it needs when called.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["load", "train", "evaluate", "__version__"]
+__all__ = ["load", "train", "evaluate", "evaluate_retrieval", "__version__"]
 
 
 def load(model_dir, **kwargs):
@@ -38,5 +42,9 @@ def __getattr__(name: str):
         from o2v_jax import api
 
         return getattr(api, name)
+    if name == "evaluate_retrieval":  # issue 21: o2v evaluate --retrieval from Python
+        from o2v_jax import ranking
+
+        return ranking.evaluate_retrieval
     raise AttributeError(f"module 'o2v_jax' has no attribute {name!r}")
 

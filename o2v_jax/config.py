@@ -117,12 +117,14 @@ SPECS: dict[str, Spec] = {
     "contrastive_temperature": Spec("float", "0.05", 0.001, 10.0, extension=True),
 }
 
-# objective=contrastive: the defaults of the keys a map does not set (the settings
-# benchmarks/bench_retrieval.py chose on validation; docs/hyperparameters.md says why).
-# Keys the map sets keep their value; everything else keeps its SPECS default.
+# objective=contrastive: the defaults of the keys a map does not set, chosen on the
+# validation split by benchmarks/tune_retrieval.py (docs/hyperparameters.md, "o2v
+# extensions", gives each one's reason). Keys the map sets keep their value.
 CONTRASTIVE_DEFAULTS: dict[str, str] = {
-    "tied_token_embedding_weight": "true",
-    "mini_batch_size": "256",
+    "enc0_network": "pooled_embedding", "enc_dim": "1000",
+    "enc0_token_embedding_dim": "1000", "enc1_token_embedding_dim": "1000",
+    "tied_token_embedding_weight": "true", "mini_batch_size": "256",
+    "learning_rate": "0.001", "epochs": "4", "dropout": "0.3",
 }
 
 # Encoder settings that `enc1_network=enc0` copies from enc0 (spec §2.4, issue #834).

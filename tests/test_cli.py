@@ -212,3 +212,41 @@ def test_transform_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main([*argv, "--model-dir", str(tmp_path / "nomodel")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == \
         f"o2v transform: error: {tmp_path / 'nomodel'}: model directory not found"
+
+
+def test_evaluate_retrieval_prints_metric_lines_and_json(tmp_path, capsys):
+    from conftest import train_tiny_model
+
+    model_dir = train_tiny_model(tmp_path, objective="contrastive", epochs=1)
+    data = write_jsonl(tmp_path / "pairs.jsonl",
+                       [{"in0": r["in0"], "in1": r["in1"]} for r in group_pairs(20, 3, max_len=4)])
+    argv = ["evaluate", "--model-dir", str(model_dir), "--data", str(data), "--retrieval"]
+    assert main([*argv, "--baseline", "bm25"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(out[-1])
+    assert {"hits@1", "hits@5", "hits@10", "mrr", "ndcg@10", "queries", "candidates"} <= set(metrics)
+    assert set(metrics["baselines"]) == {"bm25"}
+    assert f"#quality_metric: host=algo-1, test mrr <score>={metrics['mrr']!r}" in out
+    assert any(line.startswith("#quality_metric: host=algo-1, test bm25 mrr <score>=") for line in out)
+
+
+def test_evaluate_retrieval_bad_flags_and_files_exit_2_with_one_line(tmp_path, capsys):
+    from conftest import train_tiny_model
+
+    argv = ["evaluate", "--model-dir", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl")]
+    with pytest.raises(SystemExit) as e:  # argparse: before anything is read
+        main([*argv, "--retrieval", "--baseline", "bm99"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --baseline: invalid choice: 'bm99'" in err and "bm25" in err and "tfidf" in err
+    assert main([*argv, "--baseline", "bm25"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "o2v evaluate: error: --baseline compares retrieval metrics: it needs --retrieval"
+    model_dir = train_tiny_model(tmp_path, objective="contrastive", epochs=1)
+    queries_only = tmp_path / "queries.jsonl"
+    queries_only.write_text('{"in0": [1, 2]}\n')
+    assert main(["evaluate", "--model-dir", str(model_dir), "--data", str(queries_only),
+                 "--retrieval"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"o2v evaluate: error: {queries_only}:1: ")
+    assert 'field "in1": missing' in err[0]

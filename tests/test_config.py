@@ -679,3 +679,49 @@ def test_load_errors_from_file_values(tmp_path):
 def test_format_config_lines():
     text = C.format_config(from_hyperparameters(REQUIRED))
     assert "enc_dim=4096" in text.splitlines() and "optimizer=adam" in text.splitlines()
+
+
+# --------------------------------------------------------------------------- o2v extensions
+
+
+def test_extensions_stay_out_of_sagemaker_maps():
+    # A map that never names an extension resolves to exactly SageMaker's keys.
+    hp = from_hyperparameters(REQUIRED).to_hyperparameters()
+    assert "objective" not in hp and "contrastive_temperature" not in hp
+    assert set(hp) == {k for k, spec in C.SPECS.items() if not spec.extension}
+    # A temperature set with objective=pair is news, so it is kept (and round-trips).
+    cfg = from_hyperparameters({**REQUIRED, "contrastive_temperature": "0.2"})
+    assert cfg.to_hyperparameters()["contrastive_temperature"] == "0.2"
+    assert from_hyperparameters(cfg.to_hyperparameters()) == cfg
+
+
+def test_contrastive_sets_its_defaults_for_unset_keys_only():
+    cfg = from_hyperparameters({**REQUIRED, "objective": "contrastive"})
+    pair = from_hyperparameters(REQUIRED)
+    resolved = cfg.to_hyperparameters()
+    for key, value in C.CONTRASTIVE_DEFAULTS.items():  # written as the resolved map writes them
+        assert resolved[key] == value != pair.to_hyperparameters()[key]
+    assert resolved["objective"] == "contrastive" and "contrastive_temperature" in resolved
+    assert cfg.validation_metric == "mrr" and pair.validation_metric == "cross_entropy"
+    # A key the map sets keeps its value; the round trip gives the same Config.
+    assert from_hyperparameters({**REQUIRED, "objective": "contrastive",
+                                 "mini_batch_size": "7"}).mini_batch_size == 7
+    assert from_hyperparameters(resolved) == cfg
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("output_layer", "mean_squared_error", "output_layer=mean_squared_error is invalid with "
+                                           "objective=contrastive: expected softmax"),
+    ("num_classes", "3", "num_classes=3 is invalid with objective=contrastive: expected 2"),
+])
+def test_contrastive_needs_two_class_labels(key, value, message):
+    with pytest.raises(HyperparameterError, match=re.escape(message)):
+        from_hyperparameters({**REQUIRED, "objective": "contrastive", key: value})
+
+
+def test_contrastive_keeps_separate_tables_when_encoders_differ():
+    cfg = from_hyperparameters({**SEPARATE, "objective": "contrastive", "enc1_vocab_size": "60"})
+    assert not cfg.tied_token_embedding_weight
+    with pytest.raises(HyperparameterError, match="tied_token_embedding_weight=true needs one"):
+        from_hyperparameters({**SEPARATE, "objective": "contrastive", "enc1_vocab_size": "60",
+                              "tied_token_embedding_weight": "true"})

@@ -188,3 +188,31 @@ def test_pair_data_take_keeps_rows_aligned():
     sub = data.take([2, 0])
     assert sub.in0.to_lists() == [[3], [1]] and sub.in1.to_lists() == [[6, 6], [4]]
     assert sub.labels.tolist() == [0, 0] and sub.truncated == (1, 0) and sub.source == "mem"
+
+
+# --------------------------------------------------------------------------- retrieval pairs
+
+
+def test_pairs_files_may_leave_the_label_out(tmp_path):
+    # o2v evaluate --retrieval: no label reads as 1 (relevant), 0 is a candidate only,
+    # whatever the model's output layer; training channels keep the strict format.
+    path = write(tmp_path / "pairs.jsonl", ['{"in0": [1], "in1": [2, 3]}', rec(0, [4], [5]),
+                                            rec(1, [6], [7])])
+    data = read_channel(path, config(output_layer="mean_squared_error"), pairs=True)
+    assert data.labels.tolist() == [1.0, 0.0, 1.0]
+    assert data.in1.to_lists() == [[2, 3], [5], [7]]
+    with pytest.raises(DataError, match=r'pairs\.jsonl:1: field "label": missing'):
+        read_channel(path, config())
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"in0": [1], "in1": [2], "label": 2}',
+     'field "label": expected 1 (relevant) or 0 (a candidate only), or no label (relevant), got 2'),
+    ('{"in0": [1]}', 'field "in1": missing (every record needs "in0" (the query) and "in1"'),
+    ('{"in0": [1], "in1": [2], "score": 1}', 'field "score": unknown field (a record has "in0"'),
+])
+def test_bad_pairs_record_names_file_line_and_field(tmp_path, line, message):
+    path = write(tmp_path / "pairs.jsonl", ['{"in0": [1], "in1": [2]}', line])
+    with pytest.raises(DataError) as e:
+        read_channel(path, config(), pairs=True)
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value), str(e.value)
