@@ -80,6 +80,29 @@ def group_pairs(n: int, seed: int, vocab: int = 40, max_len: int = 8, regression
     return records
 
 
+# A small pooled model's settings for channel-reading tests (test_data, test_pretrained).
+CHANNEL_HP = {"enc0_max_seq_len": 8, "enc0_vocab_size": 50, "enc0_network": "pooled_embedding",
+              "enc_dim": 8, "mlp_dim": 8, "mini_batch_size": 4}
+
+
+def channel_config(**overrides):
+    """``CHANNEL_HP`` with ``overrides``, resolved."""
+    from o2v_jax.config import from_hyperparameters
+
+    return from_hyperparameters({**CHANNEL_HP, **overrides})
+
+
+def write_lines(path: Path, lines, newline: str = "\n") -> Path:
+    """``lines`` as a file, each ending with ``newline``."""
+    path.write_text(newline.join(lines) + newline)
+    return path
+
+
+def record_line(label, in0, in1) -> str:
+    """One channel record as a JSON line."""
+    return json.dumps({"label": label, "in0": in0, "in1": in1})
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

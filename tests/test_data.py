@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 
 import numpy as np
 import pytest
+from conftest import channel_config as config
+from conftest import record_line as rec
+from conftest import write_lines as write
 
 from o2v_jax import data as data_mod
-from o2v_jax.config import from_hyperparameters
 from o2v_jax.data import DataError, PairData, read_channel
 from o2v_jax.ragged import Ragged
-
-BASE = {"enc0_max_seq_len": 8, "enc0_vocab_size": 50, "enc0_network": "pooled_embedding",
-        "enc_dim": 8, "mlp_dim": 8, "mini_batch_size": 4}
-
-
-def config(**overrides):
-    return from_hyperparameters({**BASE, **overrides})
-
-
-def write(path, lines, newline="\n"):
-    path.write_text(newline.join(lines) + newline)
-    return path
-
-
-def rec(label, in0, in1):
-    return json.dumps({"label": label, "in0": in0, "in1": in1})
-
 
 # --------------------------------------------------------------------------- channels
 

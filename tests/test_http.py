@@ -92,6 +92,20 @@ def recv_all(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def trickle(s: socket.socket, byte: bytes, t0: float, what: str):
+    """Send ``byte`` at a time until the server answers (or the hang guard fires); the
+    parsed response."""
+    s.settimeout(0.01)
+    first = b""
+    while not first:
+        assert time.monotonic() - t0 < HANG, f"the trickled {what} was never cut off"
+        s.sendall(byte)
+        with contextlib.suppress(TimeoutError):
+            first = s.recv(65536)
+    s.settimeout(HANG)
+    return parse(first + recv_all(s))
+
+
 def parse(response: bytes) -> tuple[int, dict, bytes]:
     head, _, body = response.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -424,15 +438,7 @@ def test_a_body_trickled_past_body_timeout_gets_408():
             t0 = time.monotonic()
             s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 100000\r\n\r\n")
-            s.settimeout(0.01)
-            first = b""
-            while not first:  # trickle until the server answers (or the hang guard)
-                assert time.monotonic() - t0 < HANG, "the trickled body was never cut off"
-                s.sendall(b" ")
-                with contextlib.suppress(TimeoutError):
-                    first = s.recv(65536)
-            s.settimeout(HANG)
-            status, h, body = parse(first + recv_all(s))
+            status, h, body = trickle(s, b" ", t0, "body")
         assert_json_error(status, h, body, 408, match="request body not received within 0.5 s")
         assert h["connection"] == "close"
         assert time.monotonic() - t0 >= 0.5
@@ -511,15 +517,7 @@ def test_a_request_head_trickled_past_head_timeout_gets_408():
         with socket.create_connection(("127.0.0.1", port), timeout=HANG) as s:
             t0 = time.monotonic()
             s.sendall(b"GET /ping HTTP/1.1\r\nX-Slow: ")
-            s.settimeout(0.01)
-            first = b""
-            while not first:  # trickle until the server answers (or the hang guard)
-                assert time.monotonic() - t0 < HANG, "the trickled head was never cut off"
-                s.sendall(b"a")
-                with contextlib.suppress(TimeoutError):
-                    first = s.recv(65536)
-            s.settimeout(HANG)
-            status, h, body = parse(first + recv_all(s))
+            status, h, body = trickle(s, b"a", t0, "head")
         assert_json_error(status, h, body, 408, match="request head not received within 0.5 s")
         assert time.monotonic() - t0 >= 0.5
         assert call(port, "GET", "/ping")[0] == 200

@@ -8,25 +8,11 @@ import logging
 import numpy as np
 import pytest
 
-from o2v_jax.config import from_hyperparameters
+from conftest import channel_config as config
+from conftest import write_lines as write
+
 from o2v_jax.data import DataError
 from o2v_jax.pretrained import read_auxiliary
-
-BASE = {"enc0_max_seq_len": 8, "enc0_vocab_size": 50, "enc0_network": "pooled_embedding",
-        "enc_dim": 8, "mlp_dim": 8, "mini_batch_size": 4}
-
-
-def config(**overrides):
-    return from_hyperparameters({**BASE, **overrides})
-
-
-def write(path, lines, newline="\n"):
-    path.write_text(newline.join(lines) + newline)
-    return path
-
-
-def rec(label, in0, in1):
-    return json.dumps({"label": label, "in0": in0, "in1": in1})
 
 
 def aux_config(**overrides):
