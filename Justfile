@@ -20,9 +20,10 @@ install:
 demo *ARGS: install
     {{venv}}/bin/o2v demo "$@"
 
-# Run the test suite
+# Run the test suite (two worker processes, each test file on one of them: module fixtures
+# run once; `./just test -n 8` for more, `-n 0` for none)
 test *ARGS: install
-    {{py}} -m pytest -q "$@"
+    {{py}} -m pytest -q -n 2 --dist loadfile "$@"
 
 # Serve the shipped MovieLens model on 127.0.0.1:8080
 serve *ARGS: install
